@@ -1,0 +1,126 @@
+"""The driver interface: what one node's implementation provides.
+
+A driver implements only the callbacks it has; the generic request path (``io.py``) does the
+rest: bounds checks, alignment padding and read-modify-write, splitting at ``max_transfer``,
+FUA emulation by flush, zero-write fallback, discard policy, statistics. By the time a
+callback runs its arguments are valid: inside the node, aligned to
+``limits.request_alignment`` and no longer than ``limits.max_transfer``.
+
+Errors are raised as ``OSError(errno, message)``; the caller of the block layer maps errno.
+
+A driver reaches its children through ``self.node.children[name]`` (a :class:`Child` edge with
+the same async ``read``/``write``/``zero``/``discard``/``flush``/``block_status`` methods a user
+has), or the shortcuts :attr:`file` and :attr:`backing`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .types import Buffer, Extent, Limits, ReqFlags, Role
+
+if TYPE_CHECKING:
+    from .node import Child, Node
+
+_REQUIRED: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Opt:
+    """One option a driver accepts.
+
+    ``kind`` is ``str``, ``int``, ``bool``, ``"size"`` (an int, or a string with a K/M/G/T
+    suffix) or a tuple of allowed strings. ``default`` left out means the option is required.
+    """
+
+    kind: Any
+    default: Any = _REQUIRED
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """A child edge a driver takes: its role and whether it must be given."""
+
+    role: Role
+    required: bool = True
+
+
+class Driver:
+    """Base class of every driver. One instance per node."""
+
+    #: Registry key (``"driver": name`` in the options).
+    name: ClassVar[str] = ""
+    #: Options this driver accepts, besides the generic ones every node has
+    #: (node-name, read-only, discard, detect-zeroes, cache.*).
+    options: ClassVar[Mapping[str, Opt]] = {}
+    #: Child edges this driver takes, by option name (``"file"``, ``"backing"``, ...).
+    children: ClassVar[Mapping[str, ChildSpec]] = {}
+    #: A filter passes every callback it does not define to its only child.
+    is_filter: ClassVar[bool] = False
+
+    #: Set in ``open()``; the generic layer reads these, they are not per-request calls.
+    limits: Limits = Limits()
+    #: Flags ``write()`` honours itself (FUA); others are emulated or dropped by the generic layer.
+    supported_write_flags: ReqFlags = ReqFlags.NONE
+    #: Flags ``zero()`` honours (FUA, MAY_UNMAP, NO_FALLBACK). NO_FALLBACK here means
+    #: "zeroing is cheap": without it a fast-zero request fails with ENOTSUP at once.
+    supported_zero_flags: ReqFlags = ReqFlags.NONE
+
+    def __init__(self, node: Node, opts: Mapping[str, Any]) -> None:
+        self.node = node
+        self.opts = opts
+
+    @property
+    def file(self) -> Child:
+        return self.node.children["file"]
+
+    @property
+    def backing(self) -> Child | None:
+        return self.node.children.get("backing")
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open the node; children are already open. Set ``limits`` and capability flags."""
+
+    async def close(self) -> None:
+        """Release resources. Called once, after the last request."""
+
+    def length(self) -> int:
+        """Current size in bytes. Cheap: keep it cached."""
+        raise NotImplementedError
+
+    # -- the request callbacks: define only the ones the driver has --------------------
+    # read(offset, length) -> Buffer                        (async)
+    # read_nowait(offset, length) -> Buffer | None          (sync: None = "would block")
+    # write(offset, data, flags) -> None                    (async)
+    # write_nowait(offset, data, flags) -> bool             (sync: False = "would block")
+    # zero(offset, length, flags) -> None                   (async; OSError(ENOTSUP) = "fall back")
+    # discard(offset, length) -> None                       (async)
+    # flush() -> None                                       (async)
+    # cache(offset, length) -> None                         (async; prefetch hint)
+    # block_status(offset, length) -> Extent                (async; length may run past the
+    #                                                        request; generic code clamps it)
+    # truncate(length) -> None                              (async)
+    #
+    # They are looked up with getattr on the instance, so a driver that lacks one simply
+    # doesn't define it. Their signatures, for drivers to copy:
+
+    if TYPE_CHECKING:
+
+        async def read(self, offset: int, length: int) -> Buffer: ...
+        def read_nowait(self, offset: int, length: int) -> Buffer | None: ...
+        async def write(self, offset: int, data: Buffer, flags: ReqFlags) -> None: ...
+        def write_nowait(self, offset: int, data: Buffer, flags: ReqFlags) -> bool: ...
+        async def zero(self, offset: int, length: int, flags: ReqFlags) -> None: ...
+        async def discard(self, offset: int, length: int) -> None: ...
+        async def flush(self) -> None: ...
+        async def cache(self, offset: int, length: int) -> None: ...
+        async def block_status(self, offset: int, length: int) -> Extent: ...
+        async def truncate(self, length: int) -> None: ...

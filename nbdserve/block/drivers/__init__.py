@@ -1,0 +1,1 @@
+"""Driver registry: one line per driver."""

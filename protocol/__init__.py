@@ -1,0 +1,1 @@
+"""Sans-IO NBD: bytes in, events out; events in, bytes out."""

@@ -1,0 +1,122 @@
+"""``python3 -m bench``: serve one image with each server in turn and compare them."""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from .render import chart, markdown
+from .results import ratios, summarise, to_json
+from .runner import Plan, describe_machine, run_all
+from .servers import SERVERS
+from .workloads import ROWS
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not match or int(match[1]) == 0:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 256M, 1G)")
+    size = int(match[1]) * _UNITS[match[2].upper()]
+    if size % 2**20:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be a whole number of MiB")
+    return size
+
+
+def _subset(text: str, known: list[str], kind: str) -> list[str]:
+    picked = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in picked if p not in known]
+    if unknown or not picked:
+        raise argparse.ArgumentTypeError(
+            f"unknown {kind} {', '.join(unknown) or text!r}; choose from {', '.join(known)}"
+        )
+    return picked
+
+
+def build_parser() -> argparse.ArgumentParser:
+    row_keys = [r.key for r in ROWS]
+    server_keys = [s.key for s in SERVERS]
+    p = argparse.ArgumentParser(
+        prog="python3 -m bench",
+        description="Side-by-side NBD server benchmark: nbdserve, qemu-nbd and nbdkit.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="development mode: 256M image, 1 run, 1 s per cell (< 2 minutes)",
+    )
+    p.add_argument("--size", type=parse_size, help="image size (default 1G; --quick 256M)")
+    p.add_argument("--runs", type=int, help="runs per cell; each figure is the median (default 3)")
+    p.add_argument("--runtime", type=float, help="seconds per fio cell (default 5; --quick 1)")
+    p.add_argument(
+        "--servers",
+        type=lambda t: _subset(t, server_keys, "server"),
+        default=server_keys,
+        help=f"comma list from: {','.join(server_keys)}",
+    )
+    p.add_argument(
+        "--rows",
+        type=lambda t: _subset(t, row_keys, "row"),
+        default=row_keys,
+        help=f"comma list from: {','.join(row_keys)}",
+    )
+    p.add_argument(
+        "--image-dir",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="where the image lives; must be page-cached (default /dev/shm)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).with_name("results"),
+        help="output directory (default bench/results/)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    size = args.size or (256 * 2**20 if args.quick else 2**30)
+    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
+    runtime = args.runtime if args.runtime is not None else (1.0 if args.quick else 5.0)
+    if runs < 1 or runtime <= 0:
+        print("error: --runs must be >= 1 and --runtime > 0", file=sys.stderr)
+        return 2
+    if not args.image_dir.is_dir():
+        print(f"error: --image-dir {args.image_dir} is not a directory", file=sys.stderr)
+        return 2
+    plan = Plan(
+        rows=[r for r in ROWS if r.key in args.rows],
+        servers=[s for s in SERVERS if s.key in args.servers],
+        size=size,
+        runs=runs,
+        runtime=runtime,
+        image_dir=args.image_dir,
+    )
+    samples = run_all(plan, lambda line: print(line, flush=True))
+    meta = describe_machine(plan)
+    cells = summarise(samples)
+    ours = [s.key for s in plan.servers if s.is_nbdserve]
+    peers = {s.key: s.peer for s in plan.servers if s.peer is not None}
+    ratio_list = ratios(cells, [r.key for r in plan.rows], ours, peers)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = markdown(meta, plan.rows, plan.servers, cells, ratio_list)
+    (args.out / "results.md").write_text(report)
+    (args.out / "results.json").write_text(
+        json.dumps(to_json(meta, samples, cells, ratio_list), indent=2) + "\n"
+    )
+    skipped = chart(args.out / "ratios.png", plan.rows, plan.servers, ratio_list)
+    print()
+    print(report)
+    print(f"wrote {args.out}/results.md, results.json" + ("" if skipped else ", ratios.png"))
+    if skipped:
+        print(skipped)
+    return 1 if plan.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

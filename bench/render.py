@@ -1,0 +1,138 @@
+"""The report: a markdown table set and an optional PNG chart of the ratios."""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .results import Cell, Ratio
+from .servers import Server
+from .workloads import Row
+
+
+def _rate(cell: Cell | None, row: Row) -> str:
+    if cell is None:
+        return "—"
+    mib = f"{cell.mib_per_s:,.0f} MiB/s"
+    if row.small_io and cell.iops is not None:
+        return f"{cell.iops / 1000:,.1f}k IOPS ({mib})"
+    return mib
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return lines
+
+
+def _x(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def markdown(
+    meta: dict[str, Any],
+    rows: Sequence[Row],
+    servers: Sequence[Server],
+    cells: dict[tuple[str, str], Cell],
+    ratio_list: Sequence[Ratio],
+) -> str:
+    names = [s.label for s in servers]
+    peers = sorted({s.peer for s in servers if s.peer is not None})
+    title = {r.key: r.title for r in rows}
+    label = {s.key: s.label for s in servers}
+    out = [
+        "# nbdserve side-by-side benchmark",
+        "",
+        f"{meta['date']} · {meta['machine']} · image {meta['size_human']} in {meta['image_dir']}"
+        f" · median of {meta['runs']} run(s), fio {meta['runtime']} s per cell",
+        "",
+        "## Throughput",
+        "",
+        *_table(
+            ["Row", *names],
+            [[r.title, *(_rate(cells.get((r.key, s.key)), r) for s in servers)] for r in rows],
+        ),
+        "",
+        "## nbdserve ÷ peer (throughput; above 1.00x nbdserve is faster)",
+        "",
+        "qemu-nbd counts once, in its faster aio mode on that row. The last column is nbdserve's "
+        "server CPU per GiB divided by the fastest peer's (below 1.00x nbdserve uses less).",
+        "",
+        *_table(
+            ["Row", "nbdserve as", *(f"÷ {p}" for p in peers), "÷ fastest peer", "CPU/GiB ÷"],
+            [
+                [
+                    title[r.row],
+                    label[r.server],
+                    *(_x(r.per_peer.get(p)) for p in peers),
+                    f"{_x(r.vs_fastest)} ({r.fastest_peer})" if r.fastest_peer else "—",
+                    _x(r.cpu_vs_fastest),
+                ]
+                for r in ratio_list
+            ],
+        ),
+        "",
+        "## Server CPU seconds per GiB moved",
+        "",
+        *_table(
+            ["Row", *names],
+            [[r.title, *(_fmt(cells.get((r.key, s.key)), "cpu") for s in servers)] for r in rows],
+        ),
+        "",
+        "## Server peak RSS (MiB, maximum over runs)",
+        "",
+        *_table(
+            ["Row", *names],
+            [[r.title, *(_fmt(cells.get((r.key, s.key)), "rss") for s in servers)] for r in rows],
+        ),
+    ]
+    failures = [c for c in cells.values() if c.errors]
+    if meta.get("errors"):
+        out += ["", "## Errors", ""] + [f"- {e}" for e in meta["errors"]]
+    elif failures:
+        out += ["", f"{len(failures)} cell(s) had failed runs; see results.json."]
+    return "\n".join(out) + "\n"
+
+
+def _fmt(cell: Cell | None, what: str) -> str:
+    if cell is None:
+        return "—"
+    if what == "cpu":
+        return f"{cell.cpu_per_gib:.2f}"
+    return f"{cell.peak_rss_mib:,.0f}"
+
+
+def chart(
+    path: Path, rows: Sequence[Row], servers: Sequence[Server], ratio_list: Sequence[Ratio]
+) -> str | None:
+    """Write a bar chart of nbdserve ÷ fastest peer per row; returns why not if impossible."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install '.[bench]'): skipped ratios.png"
+    ours = [s for s in servers if s.is_nbdserve]
+    shown = [r for r in rows if any(x.row == r.key for x in ratio_list)]
+    if not ours or not shown:
+        return "no nbdserve results to chart: skipped ratios.png"
+    lookup = {(r.row, r.server): r for r in ratio_list}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(shown)), 4.5))
+    width = 0.8 / len(ours)
+    for i, server in enumerate(ours):
+        values = [
+            (lookup[r.key, server.key].vs_fastest or 0.0) if (r.key, server.key) in lookup else 0.0
+            for r in shown
+        ]
+        xs = [j + (i - (len(ours) - 1) / 2) * width for j in range(len(shown))]
+        ax.bar(xs, values, width, label=server.label)
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_xticks(range(len(shown)))
+    ax.set_xticklabels([r.title for r in shown], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("throughput ÷ fastest peer")
+    ax.set_title("nbdserve ÷ fastest peer (qemu-nbd best aio, nbdkit file, nbdkit python)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

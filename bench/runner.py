@@ -1,0 +1,168 @@
+"""One benchmark run: prepare the image, serve it with each server in turn, drive each row."""
+
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import procstat
+from .results import Sample
+from .servers import Endpoint, Server, ServerStartError, running
+from .workloads import FioOutputError, Outcome, Row, fio_command, nbdcopy_command, parse_fio
+
+CHUNK = 16 * 2**20
+
+
+@dataclass
+class Plan:
+    rows: Sequence[Row]
+    servers: Sequence[Server]
+    size: int
+    runs: int
+    runtime: float
+    image_dir: Path
+    errors: list[str] = field(default_factory=list)
+
+
+def fill_random(path: Path, size: int) -> None:
+    """Write *size* random bytes: incompressible, no zero blocks for a server to skip."""
+    with path.open("wb") as out:
+        left = size
+        while left:
+            n = min(CHUNK, left)
+            out.write(os.urandom(n))
+            left -= n
+
+
+def _client(argv: list[str], timeout: float) -> tuple[str, float]:
+    start = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    elapsed = time.monotonic() - start
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"{argv[0]} exited {done.returncode}: {' / '.join(tail)}")
+    return done.stdout, elapsed
+
+
+def _drive(row: Row, ep: Endpoint, plan: Plan, source: Path) -> Outcome:
+    # Generous: a client that hangs is an error, not a stall of the whole suite.
+    timeout = plan.runtime + 60 + plan.size / 2**20 / 20
+    if row.copy:
+        _, elapsed = _client(nbdcopy_command(row, ep.uri, source), timeout)
+        return Outcome(bytes_moved=plan.size, seconds=elapsed, ios=None)
+    out, _ = _client(fio_command(row, ep.uri, plan.size, plan.runtime), timeout)
+    return parse_fio(out)
+
+
+def measure(row: Row, server: Server, run: int, pid: int, ep: Endpoint, plan: Plan,
+            source: Path) -> Sample:  # fmt: skip
+    procstat.reset_peak_rss(pid)
+    cpu_before = procstat.cpu_seconds(pid)
+    try:
+        outcome = _drive(row, ep, plan, source)
+    except (RuntimeError, FioOutputError, subprocess.TimeoutExpired) as exc:
+        return Sample(row.key, server.key, run, error=str(exc))
+    return Sample(
+        row=row.key,
+        server=server.key,
+        run=run,
+        bytes_moved=outcome.bytes_moved,
+        seconds=outcome.seconds,
+        ios=outcome.ios,
+        cpu_seconds=procstat.cpu_seconds(pid) - cpu_before,
+        peak_rss=procstat.peak_rss_bytes(pid),
+    )
+
+
+def run_all(plan: Plan, progress: Callable[[str], None]) -> list[Sample]:
+    """Servers alternate within each run (A B C … A B C …); each runs every row in turn."""
+    workdir = Path(tempfile.mkdtemp(prefix="nbdserve-bench-", dir=plan.image_dir))
+    samples: list[Sample] = []
+    try:
+        image, source = workdir / "image.raw", workdir / "source.raw"
+        progress(f"writing {plan.size / 2**20:.0f} MiB random image in {workdir}")
+        fill_random(image, plan.size)
+        if any(r.copy == "from-file" for r in plan.rows) or any(s.in_memory for s in plan.servers):
+            shutil.copyfile(image, source)
+        for run in range(1, plan.runs + 1):
+            for server in plan.servers:
+                samples += _session(server, run, image, source, workdir, plan, progress)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return samples
+
+
+def _session(server: Server, run: int, image: Path, source: Path, workdir: Path, plan: Plan,
+             progress: Callable[[str], None]) -> list[Sample]:  # fmt: skip
+    samples: list[Sample] = []
+    try:
+        with running(server, image, plan.size, workdir) as (proc, ep):
+            if server.in_memory:
+                _client(["nbdcopy", str(source), ep.uri], timeout=300)
+            for row in plan.rows:
+                sample = measure(row, server, run, proc.pid, ep, plan, source)
+                progress(_describe(sample, server, row, run, plan.runs))
+                samples.append(sample)
+                if proc.poll() is not None:
+                    raise ServerStartError(f"{server.label} died (status {proc.returncode})")
+    except (ServerStartError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        message = f"run {run}, {server.label}: {exc}"
+        plan.errors.append(message)
+        progress("ERROR " + message)
+    return samples
+
+
+def _describe(s: Sample, server: Server, row: Row, run: int, runs: int) -> str:
+    where = f"[{run}/{runs}] {server.label:<22} {row.title:<32}"
+    if s.error:
+        return f"{where} ERROR {s.error}"
+    rate = f"{s.iops:>9,.0f} IOPS" if row.small_io and s.iops else f"{s.mib_per_s:>9,.0f} MiB/s"
+    return f"{where} {rate}  cpu {s.cpu_per_gib:5.2f} s/GiB  rss {s.peak_rss / 2**20:6.0f} MiB"
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "absent"
+    lines = (done.stdout or done.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def describe_machine(plan: Plan) -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    repo = Path(__file__).resolve().parent.parent
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} cores, {cpu}, Linux {platform.release()}",
+        "size": plan.size,
+        "size_human": f"{plan.size / 2**20:.0f} MiB",
+        "image_dir": str(plan.image_dir),
+        "runs": plan.runs,
+        "runtime": plan.runtime,
+        "rows": [r.key for r in plan.rows],
+        "servers": [s.key for s in plan.servers],
+        "versions": {
+            "nbdserve": _version(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]),
+            "qemu-nbd": _version(["qemu-nbd", "--version"]),
+            "nbdkit": _version(["nbdkit", "--version"]),
+            "fio": _version(["fio", "--version"]),
+            "nbdcopy": _version(["nbdcopy", "--version"]),
+            "python": platform.python_version(),
+        },
+        "errors": plan.errors,
+    }

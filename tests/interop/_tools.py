@@ -60,13 +60,13 @@ def run_json(argv: list[str], *, server: RunningServer | None = None) -> Any:
 
 
 def qemu_io(server: RunningServer, *commands: str, uri: str | None = None,
-            expect_rc: int | None = 0) -> str:
+            expect_rc: int | None = 0, read_only: bool = False) -> str:
     """Run qemu-io commands against the server's export and return its output.
 
     qemu-io keeps going after a failed command, so a failed pattern check or I/O error is
     also caught from the output text, whatever the exit status.
     """
-    argv = ["qemu-io", "-f", "raw"]
+    argv = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
     for command in commands:
         argv += ["-c", command]
     argv.append(uri or server.uri())

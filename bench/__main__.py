@@ -28,9 +28,11 @@ def parse_size(text: str) -> int:
 def _subset(text: str, known: list[str], kind: str) -> list[str]:
     picked = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in picked if p not in known]
-    if unknown or not picked:
+    if not picked:
+        raise argparse.ArgumentTypeError(f"no {kind} named in {text!r}")
+    if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown {kind} {', '.join(unknown) or text!r}; choose from {', '.join(known)}"
+            f"unknown {kind} {', '.join(unknown)}; choose from {', '.join(known)}"
         )
     return picked
 

@@ -4,6 +4,7 @@ Everything public is re-exported here; the ``_*`` modules are private. The packa
 I/O and imports only the standard library and ``construct``.
 """
 
+from ._client import MAX_OPTION_REPLY, ClientHandshake
 from ._constants import (
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
@@ -58,6 +59,14 @@ from ._events import (
     StartTLS,
     TLSMode,
 )
+from ._handshake import (
+    DEFAULT_MAX_OPTION_LENGTH,
+    DEFAULT_MAX_OPTIONS,
+    MAX_STRING,
+    SERVER_HANDSHAKE_FLAGS,
+    ServerHandshake,
+    export_flags,
+)
 from ._transmission import (
     DEFAULT_MAX_PAYLOAD,
     MAX_ERROR_MESSAGE,
@@ -68,17 +77,22 @@ from ._transmission import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_OPTIONS",
+    "DEFAULT_MAX_OPTION_LENGTH",
     "DEFAULT_MAX_PAYLOAD",
     "EXTENDED_REPLY_MAGIC",
     "EXTENDED_REQUEST_MAGIC",
     "IHAVEOPT",
     "MAX_ERROR_MESSAGE",
     "MAX_EXTENTS",
+    "MAX_OPTION_REPLY",
+    "MAX_STRING",
     "NBDMAGIC",
     "NEED_DATA",
     "OLDSTYLE_MAGIC",
     "REP_MAGIC",
     "REQUEST_MAGIC",
+    "SERVER_HANDSHAKE_FLAGS",
     "SIMPLE_REPLY_MAGIC",
     "STRUCTURED_REPLY_MAGIC",
     "Aborted",
@@ -86,6 +100,7 @@ __all__ = [
     "Buffer",
     "Catalogue",
     "ClientFlag",
+    "ClientHandshake",
     "ClientTransmission",
     "Closed",
     "Cmd",
@@ -120,10 +135,12 @@ __all__ = [
     "ReplyType",
     "Request",
     "ServerGreeting",
+    "ServerHandshake",
     "ServerTransmission",
     "Session",
     "StartTLS",
     "StateFlag",
     "TLSMode",
     "TransmissionFlag",
+    "export_flags",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -44,8 +45,11 @@ def server_kind() -> ServerKind:
 
 
 def nbdserve_argv() -> list[str]:
-    """How to run this checkout's nbdserve: the same interpreter as pytest, ``-m nbdserve``."""
-    return [sys.executable, "-m", "nbdserve"]
+    """How to run this checkout's nbdserve: exactly what the ``nbdserve`` console script runs
+    (``nbdserve.cli:main``), with the interpreter running pytest, installed or not."""
+    launcher = ("import sys; sys.argv[0] = 'nbdserve'; "
+                "from nbdserve.cli import main; sys.exit(main())")
+    return [sys.executable, "-c", launcher]
 
 
 def server_argv(kind: ServerKind) -> list[str]:
@@ -123,7 +127,7 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
     def describe(self) -> str:
-        return f"{' '.join(self.argv)}\n--- server stderr ---\n{self.stderr()}"
+        return f"{shlex.join(self.argv)}\n--- server stderr ---\n{self.stderr()}"
 
     def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
         try:

@@ -1,0 +1,121 @@
+"""Run a :class:`~nbdserve.config.ServerConfig`: open the graph, attach the exports, listen,
+serve until told to stop, then flush and close everything."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import trio
+
+from .block import GraphError, open_graph
+from .captive import run_captive
+from .config import ServerConfig
+from .errors import ConfigError
+from .exports import Catalogue, attach_exports
+from .listeners import Listener, open_tcp, open_unix, systemd_listeners
+from .log import get_logger
+from .server import Server
+from .transport import stdio_transport
+
+
+def main(config: ServerConfig, *, warnings: Sequence[str] = ()) -> int:
+    """Run the server to completion; the process exit status."""
+    try:
+        return trio.run(serve_config, config, warnings)
+    except (ConfigError, GraphError) as e:
+        print(f"nbdserve: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C while shutting down
+        return 130
+
+
+def open_listeners(config: ServerConfig, private_dir: str | None) -> list[Listener]:
+    activated = systemd_listeners()
+    if activated:
+        return activated
+    listen = config.listen
+    if listen.unix_path is not None:
+        return [open_unix(listen.unix_path)]
+    if listen.tcp_port is not None:
+        return open_tcp(listen.tcp_host, listen.tcp_port)
+    assert private_dir is not None, "captive mode without an address uses a private socket"
+    return [open_unix(os.path.join(private_dir, "nbd.sock"))]
+
+
+def write_pid_file(path: str) -> None:
+    temp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(temp, path)
+    except OSError as e:
+        raise ConfigError(f"cannot write pid file {path!r}: {e.strerror}") from None
+
+
+async def _watch_signals(server: Server, captive: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            get_logger().info("signal received", signal=signal.Signals(signum).name)
+            captive.cancel()
+            server.shutdown()
+
+
+async def serve_config(config: ServerConfig, warnings: Sequence[str] = ()) -> int:
+    log = get_logger()
+    for warning in warnings:
+        log.warning(warning)
+    graph = await open_graph(config.blockdevs)
+    private_dir: str | None = None
+    pid_written = False
+    try:
+        if config.snapshot:
+            await _add_snapshot_overlays(graph, config)
+        exports = attach_exports(graph, config.exports,
+                                 multi_conn_allowed=config.max_connections != 1)
+        server = Server(Catalogue(exports), max_connections=config.max_connections,
+                        persistent=config.persistent,
+                        handshake_timeout=config.handshake_timeout,
+                        max_in_flight=config.max_in_flight)
+        if config.listen.stdin:
+            await server.serve_transport(stdio_transport())
+            return 0
+        if config.run is not None and config.listen == type(config.listen)():
+            private_dir = tempfile.mkdtemp(prefix="nbdserve-")
+        listeners = open_listeners(config, private_dir)
+        status = 0
+        captive = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, server, captive)
+            await nursery.start(server.serve, listeners)
+            if config.pid_file is not None:
+                write_pid_file(config.pid_file)
+                pid_written = True
+            if config.run is not None:
+                with captive:
+                    status = await run_captive(config.run, listeners[0], config)
+                server.shutdown()
+            await server.closed.wait()
+            nursery.cancel_scope.cancel()
+        return status
+    finally:
+        with trio.CancelScope(shield=True):
+            await graph.close()
+        if pid_written and config.pid_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(config.pid_file)
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
+        for path in config.cleanup:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        log.info("stopped")
+
+
+async def _add_snapshot_overlays(graph: object, config: ServerConfig) -> None:
+    raise ConfigError("-s/--snapshot needs the qcow2 overlay helper, which is not available yet")

@@ -1,0 +1,353 @@
+"""One client connection: the handshake, then the transmission loop.
+
+The loop's shape comes from the benchmarks. A single reader takes every complete request
+already received, serves at once those the block layer can complete without waiting (page
+cache reads and writes through ``read_nowait``/``write_nowait``), and sends all their replies
+with one ``sendmsg``. Requests that would block, and every other command, run as tasks, at most
+``max_in_flight`` at a time; when all slots are busy the reader stops reading, which pushes
+back on the client. Replies are written under one lock, each reply whole, so they never
+interleave. Nothing on this path logs unless debug logging is on; statistics are integers,
+summarised in one line when the connection ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from protocol import (
+    NEED_DATA,
+    Aborted,
+    Closed,
+    Cmd,
+    CmdFlag,
+    Disconnect,
+    Errno,
+    OptionHandled,
+    Ready,
+    RemoteProtocolError,
+    Request,
+    ServerHandshake,
+    ServerTransmission,
+    Session,
+    TLSMode,
+)
+
+from .block import ReqFlags
+from .commands import HANDLERS, CommandContext, wants_sparse_read
+from .errors import nbd_errno
+from .exports import MAX_PAYLOAD, Catalogue, Export
+from .log import get_logger
+from .stats import ConnectionStats
+from .transport import Transport
+from .types import Buffer
+
+#: One receive call asks for this much: many small requests, or a good piece of a big write.
+RECV_SIZE = 256 * 1024
+#: Replies gathered by one pass are sent once they hold this many bytes, which bounds the
+#: memory a burst of page-cache reads can pin.
+SEND_BATCH_BYTES = 4 << 20
+
+_ids = itertools.count(1)
+
+
+class Connection:
+    def __init__(self, transport: Transport, catalogue: Catalogue, *,
+                 handshake_timeout: float = 10.0, max_in_flight: int = 16,
+                 tls: TLSMode = TLSMode.OFF) -> None:
+        self.id = next(_ids)
+        self.transport = transport
+        self.catalogue = catalogue
+        self.handshake_timeout = handshake_timeout
+        self.max_in_flight = max_in_flight
+        self.tls = tls
+        self.stats = ConnectionStats()
+        self.session: Session | None = None
+        self.export: Export | None = None
+        self.end_reason = "eof"
+        self._log = get_logger(conn=self.id, peer=transport.peer, transport=transport.kind)
+        self._debug = self._log.isEnabledFor(10)
+        self._scope = trio.CancelScope()
+        self._stopping = False
+        self._in_transmission = False
+        self._send_lock = trio.Lock()
+        self._slots = trio.Semaphore(max_in_flight)
+        self._tx: ServerTransmission
+        self._ctx: CommandContext
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection to its end. Never raises (but for cancellation): one client's
+        failure must not touch the server or other clients."""
+        try:
+            with self._scope:
+                ready = await self._handshake()
+                if ready is not None and not self._stopping:
+                    await self._transmission(*ready)
+            if self._scope.cancelled_caught and self.end_reason == "eof":
+                self.end_reason = "shutdown" if self._stopping else "cancelled"
+        except Exception as e:
+            self.end_reason = "error"
+            self._log.error("connection failed", error=f"{type(e).__name__}: {e}",
+                            exc_info=self._debug)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.transport.aclose()
+            self._log_summary()
+
+    def stop(self) -> None:
+        """Graceful shutdown: take no new requests, finish those in flight, then close. A
+        connection still negotiating is simply dropped."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._in_transmission:
+            self.transport.stop_receiving()
+        else:
+            self._scope.cancel()
+
+    def abort(self) -> None:
+        """Drop the connection now, in-flight requests included."""
+        self._stopping = True
+        self._scope.cancel()
+
+    def _log_summary(self) -> None:
+        fields: dict[str, Any] = self.stats.summary()
+        session = self.session
+        if session is not None:
+            fields.update(export=session.export.name, structured=session.structured,
+                          extended=session.extended, contexts=sorted(session.contexts.values()),
+                          tls=session.tls)
+        self._log.info("connection closed", reason=self.end_reason, **fields)
+
+    # -- handshake ---------------------------------------------------------------------------
+
+    async def _handshake(self) -> tuple[Session, bytes] | None:
+        hs = ServerHandshake(self.catalogue, tls=self.tls)
+        transport = self.transport
+        with trio.move_on_after(self.handshake_timeout if self.handshake_timeout > 0
+                                else math.inf) as timer:
+            try:
+                await transport.send([hs.initiate()])
+                while True:
+                    event = hs.next_event()
+                    out = hs.data_to_send()
+                    if out:
+                        await transport.send([out])
+                    if event is NEED_DATA:
+                        hs.receive_data(await transport.receive(RECV_SIZE))
+                    elif isinstance(event, OptionHandled):
+                        if self._debug:
+                            self._log.debug("option", option=str(event.option),
+                                            reply=str(event.reply))
+                    elif isinstance(event, Ready):
+                        return event.session, event.leftover
+                    elif isinstance(event, Aborted):
+                        self.end_reason = "aborted"
+                        return None
+                    elif isinstance(event, Closed):
+                        self.end_reason = "eof"
+                        return None
+                    else:
+                        # STARTTLS with TLS off is refused inside the protocol; anything else
+                        # here is a new event this server does not know yet.
+                        raise RuntimeError(f"unexpected handshake event {event!r}")
+            except RemoteProtocolError as e:
+                await self._send_quietly(hs.data_to_send())
+                self.end_reason = "protocol error"
+                self._log.warning("handshake failed", error=str(e))
+                return None
+            except OSError as e:
+                self.end_reason = "vanished"
+                if self._debug:
+                    self._log.debug("handshake I/O error", error=str(e))
+                return None
+        if timer.cancelled_caught:
+            self.end_reason = "handshake timeout"
+            self._log.warning("handshake timed out", timeout=self.handshake_timeout)
+        return None
+
+    async def _send_quietly(self, data: bytes) -> None:
+        if data:
+            with contextlib.suppress(OSError):
+                await self.transport.send([data])
+
+    # -- transmission ------------------------------------------------------------------------
+
+    async def _transmission(self, session: Session, leftover: bytes) -> None:
+        export = self.catalogue.export(session.export.name)
+        if export is None:  # pragma: no cover - the handshake only selects catalogued exports
+            raise RuntimeError(f"handshake selected unknown export {session.export.name!r}")
+        self.session, self.export = session, export
+        if self._debug:
+            self._log.debug("transmission", export=export.name, flags=str(session.flags),
+                            structured=session.structured, extended=session.extended)
+        self._tx = ServerTransmission(session, max_payload=MAX_PAYLOAD, leftover=leftover)
+        self._ctx = CommandContext(export, self._tx)
+        self._in_transmission = True
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._read_loop(nursery)
+            # Every in-flight request has been answered (the nursery waited for them).
+        except RemoteProtocolError as e:
+            self.end_reason = "protocol error"
+            self._log.warning("client broke the protocol", error=str(e))
+        except OSError as e:
+            self.end_reason = "vanished"
+            if self._debug:
+                self._log.debug("I/O error", error=str(e))
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        tx, transport, slots = self._tx, self.transport, self._slots
+        serve_now = self._serve_now
+        out: list[Buffer] = []
+        pending = 0
+        while True:
+            while True:
+                try:
+                    event = tx.next_event()
+                except RemoteProtocolError:
+                    if not self._stopping:
+                        if out:
+                            await self._send(out)
+                        raise
+                    event = Closed()  # we cut the stream ourselves, mid-request
+                if type(event) is Request:
+                    sent = serve_now(event, out)
+                    if sent >= 0:
+                        pending += sent
+                        if pending >= SEND_BATCH_BYTES:
+                            await self._send(out)
+                            out, pending = [], 0
+                        continue
+                    if slots.value == 0:
+                        # Back-pressure: answer what is ready, then wait for a free slot
+                        # before taking more requests off the wire.
+                        if out:
+                            await self._send(out)
+                            out, pending = [], 0
+                        await slots.acquire()
+                    else:
+                        slots.acquire_nowait()
+                    nursery.start_soon(self._serve_later, event)
+                    continue
+                if event is NEED_DATA:
+                    break
+                # NBD_CMD_DISC, or EOF between requests: in-flight requests still finish.
+                if out:
+                    await self._send(out)
+                if isinstance(event, Disconnect):
+                    self.end_reason = "disconnect"
+                elif self._stopping:
+                    self.end_reason = "shutdown"
+                return
+            if out:
+                await self._send(out)
+                out, pending = [], 0
+            tx.receive_data(await transport.receive(RECV_SIZE))
+
+    def _serve_now(self, request: Request, out: list[Buffer]) -> int:
+        """Answer ``request`` at once if the block layer can without waiting, appending the
+        reply to ``out``. Returns the bytes appended, or -1 if it needs a task."""
+        stats = self.stats
+        cmd = request.cmd
+        stats.requests[cmd] = stats.requests.get(cmd, 0) + 1
+        if request.error is not None:
+            stats.errors += 1
+            reply = self._tx.reply(request)
+            out.append(reply)
+            if self._debug:
+                self._log.debug("request refused", cmd=str(cmd), offset=request.offset,
+                                length=request.length, error=request.error.name,
+                                message=request.message)
+            return len(reply)
+        ctx = self._ctx
+        try:
+            if cmd is Cmd.READ:
+                if not request.flags & CmdFlag.FUA and not wants_sparse_read(ctx, request):
+                    data = ctx.child.read_nowait(request.offset, request.length)
+                    if data is not None:
+                        stats.bytes_read += request.length
+                        out.extend(self._tx.reply_read(request, data))
+                        return request.length
+            elif cmd is Cmd.WRITE:
+                flags = ctx.write_flags(request)
+                if flags is ReqFlags.NONE and ctx.child.write_nowait(
+                        request.offset, request.data, flags):  # type: ignore[arg-type]
+                    stats.bytes_written += request.length
+                    reply = self._tx.reply(request)
+                    out.append(reply)
+                    return len(reply)
+        except OSError as e:
+            reply = self._error_reply(request, e)
+            out.append(reply)
+            return len(reply)
+        return -1
+
+    async def _serve_later(self, request: Request) -> None:
+        """A request that may wait: run it through the command table, send its reply."""
+        try:
+            if self._debug:
+                self._log.debug("request", cmd=str(request.cmd), offset=request.offset,
+                                length=request.length, flags=str(request.flags))
+            handler = HANDLERS.get(request.cmd)
+            try:
+                if handler is None:
+                    raise OSError(errno.EINVAL, "command not supported")
+                reply = await handler(self._ctx, request)
+                if request.cmd is Cmd.READ:
+                    self.stats.bytes_read += request.length
+                elif request.cmd is Cmd.WRITE:
+                    self.stats.bytes_written += request.length
+            except OSError as e:
+                reply = [self._error_reply(request, e)]
+            except Exception as e:
+                # A bug below us: the client gets EIO, the connection and server live on.
+                self._log.error("request failed", cmd=str(request.cmd), offset=request.offset,
+                                length=request.length, error=f"{type(e).__name__}: {e}",
+                                exc_info=True)
+                self.stats.errors += 1
+                reply = [self._tx.reply(request, Errno.EIO, "internal server error")]
+            await self._send(reply)
+        finally:
+            self._slots.release()
+
+    def _error_reply(self, request: Request, e: OSError) -> bytes:
+        self.stats.errors += 1
+        fast_zero = request.cmd is Cmd.WRITE_ZEROES and bool(request.flags & CmdFlag.FAST_ZERO)
+        error = nbd_errno(e.errno, fast_zero=fast_zero)
+        what = request.cmd.name.lower() if isinstance(request.cmd, Cmd) else "request"
+        message = f"{what} failed: {e.strerror or e}"
+        if self._debug:
+            self._log.debug("request failed", cmd=what, offset=request.offset,
+                            length=request.length, error=error.name, message=message)
+        return self._tx.reply(request, error, message)
+
+    async def _send(self, buffers: list[Buffer] | Sequence[Buffer]) -> None:
+        """Write one batch of whole replies. A client that is gone ends the connection here,
+        whichever task noticed first."""
+        lock = self._send_lock
+        try:
+            if lock.locked():
+                async with lock:
+                    await self.transport.send(buffers)
+            else:
+                lock.acquire_nowait()  # uncontended: skip the scheduler round trip
+                try:
+                    await self.transport.send(buffers)
+                finally:
+                    lock.release()
+        except OSError as e:
+            if self.end_reason in ("eof", "disconnect"):
+                self.end_reason = "vanished"
+            if self._debug:
+                self._log.debug("send failed", error=str(e))
+            self._scope.cancel()
+            await trio.lowlevel.checkpoint()  # let the cancellation land here

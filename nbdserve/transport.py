@@ -1,0 +1,165 @@
+"""The byte pipe under one NBD connection.
+
+The data path talks to a non-blocking stdlib socket directly: it tries ``recv``/``sendmsg``
+first and only waits for readiness when the kernel says it would block, which saves a trip
+through the scheduler on every call. Anything else that looks like a trio stream (a pipe pair
+for ``--stdin``, a TLS stream later) goes through :class:`StreamTransport`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+from collections.abc import Sequence
+
+import trio
+
+from .types import Buffer
+
+#: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
+_IOV_MAX = 1024
+#: A bigger socket send buffer lets one sendmsg carry a whole 1 MiB read reply.
+_SOCKET_BUFFER = 4 << 20
+#: Consecutive non-blocking receives before yielding to the scheduler anyway, so a client
+#: that keeps the pipe full cannot starve request tasks or other connections.
+_MAX_SPINS = 16
+
+
+class Transport:
+    """What a connection needs from its byte pipe."""
+
+    #: "unix", "tcp" or "stdio", for the connection's log line.
+    kind: str = ""
+    #: Printable peer address.
+    peer: str = ""
+
+    async def receive(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes``; ``b""`` at end of file."""
+        raise NotImplementedError
+
+    async def send(self, buffers: Sequence[Buffer]) -> None:
+        """Write every buffer, in order, completely."""
+        raise NotImplementedError
+
+    def stop_receiving(self) -> None:
+        """Make the pending and every later ``receive`` return ``b""`` (graceful shutdown:
+        replies can still be sent)."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class SocketTransport(Transport):
+    def __init__(self, sock: socket.socket, *, kind: str, peer: str) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        except OSError:  # pragma: no cover - the kernel caps it; a smaller buffer still works
+            pass
+        self._sock = sock
+        self._spins = 0
+        self.kind = kind
+        self.peer = peer
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    async def receive(self, max_bytes: int) -> bytes:
+        sock = self._sock
+        self._spins += 1
+        if self._spins >= _MAX_SPINS:
+            self._spins = 0
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                return sock.recv(max_bytes)
+            except BlockingIOError:
+                self._spins = 0
+                await trio.lowlevel.wait_readable(sock)
+
+    async def send(self, buffers: Sequence[Buffer]) -> None:
+        sock = self._sock
+        pending: list[Buffer] = list(buffers)
+        while pending:
+            try:
+                sent = sock.sendmsg(pending[:_IOV_MAX])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            # Drop what went out; a partly sent buffer continues as a memoryview slice.
+            i = 0
+            n = len(pending)
+            while i < n:
+                size = len(pending[i])
+                if sent < size:
+                    break
+                sent -= size
+                i += 1
+            del pending[:i]
+            if sent:
+                pending[0] = memoryview(pending[0])[sent:]
+
+    def stop_receiving(self) -> None:
+        # The kernel wakes a waiting recv with EOF; the write side stays open.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RD)
+
+    async def aclose(self) -> None:
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+class StreamTransport(Transport):
+    """Any trio stream: pipes for ``--stdin``, and TLS once STARTTLS exists."""
+
+    def __init__(self, stream: trio.abc.Stream, *, kind: str, peer: str) -> None:
+        self.stream = stream
+        self.kind = kind
+        self.peer = peer
+        self._stopped = False
+        self._receive_scope: trio.CancelScope | None = None
+
+    async def receive(self, max_bytes: int) -> bytes:
+        if self._stopped:
+            return b""
+        with trio.CancelScope() as self._receive_scope:
+            return bytes(await self.stream.receive_some(max_bytes))
+        return b""  # cancelled by stop_receiving()
+
+    def stop_receiving(self) -> None:
+        self._stopped = True
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+
+    async def send(self, buffers: Sequence[Buffer]) -> None:
+        if len(buffers) == 1:
+            await self.stream.send_all(buffers[0])
+        else:
+            await self.stream.send_all(b"".join(buffers))
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+def stdio_transport() -> Transport:
+    """The connection on stdin/stdout (inetd style, libnbd's ``connect_command``).
+
+    libnbd hands us one socket as both stdin and stdout: then the fast socket path applies.
+    Pipes get a stream pair. The descriptors are duplicated so closing the connection does not
+    close fds 0 and 1 under the rest of the process."""
+    st_in, st_out = os.fstat(0), os.fstat(1)
+    if stat.S_ISSOCK(st_in.st_mode) and (st_in.st_dev, st_in.st_ino) == (st_out.st_dev,
+                                                                        st_out.st_ino):
+        sock = socket.socket(fileno=os.dup(0))
+        return SocketTransport(sock, kind="stdio", peer="stdin")
+    stream = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)),
+                                trio.lowlevel.FdStream(os.dup(0)))
+    return StreamTransport(stream, kind="stdio", peer="stdin")

@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         runtime=runtime,
         image_dir=args.image_dir,
     )
+    if plan.load_before > 0.5:
+        print(f"note: load average is {plan.load_before:.2f}; other work will skew the figures")
     samples = run_all(plan, lambda line: print(line, flush=True))
     meta = describe_machine(plan)
     cells = summarise(samples)

@@ -45,6 +45,9 @@ def markdown(
         f"{meta['date']} · {meta['machine']} · image {meta['size_human']} in {meta['image_dir']}"
         f" · median of {meta['runs']} run(s), fio {meta['runtime']} s per cell",
         "",
+        f"Load average (1 min) before and after: {meta['load_before']:.2f} → "
+        f"{meta['load_after']:.2f}; other work on the machine skews the figures.",
+        "",
         "## Throughput",
         "",
         *_table(
@@ -87,7 +90,8 @@ def markdown(
     ]
     failures = [c for c in cells.values() if c.errors]
     if meta.get("errors"):
-        out += ["", "## Errors", ""] + [f"- {e}" for e in meta["errors"]]
+        out += ["", "## Errors", ""]
+        out += ["- " + " / ".join(x.strip() for x in e.splitlines()) for e in meta["errors"]]
     elif failures:
         out += ["", f"{len(failures)} cell(s) had failed runs; see results.json."]
     return "\n".join(out) + "\n"

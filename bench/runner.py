@@ -29,6 +29,7 @@ class Plan:
     runtime: float
     image_dir: Path
     errors: list[str] = field(default_factory=list)
+    load_before: float = field(default_factory=lambda: os.getloadavg()[0])
 
 
 def fill_random(path: Path, size: int) -> None:
@@ -82,41 +83,52 @@ def measure(row: Row, server: Server, run: int, pid: int, ep: Endpoint, plan: Pl
 
 
 def run_all(plan: Plan, progress: Callable[[str], None]) -> list[Sample]:
-    """Servers alternate within each run (A B C … A B C …); each runs every row in turn."""
+    """For each row, servers alternate run by run (A B C A B C …), each on a fresh start.
+
+    A fresh server per cell keeps one row's peak RSS or leftover state out of the next row's
+    figures; starting one costs well under a second.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="nbdserve-bench-", dir=plan.image_dir))
     samples: list[Sample] = []
+    broken: set[str] = set()
     try:
         image, source = workdir / "image.raw", workdir / "source.raw"
         progress(f"writing {plan.size / 2**20:.0f} MiB random image in {workdir}")
         fill_random(image, plan.size)
         if any(r.copy == "from-file" for r in plan.rows) or any(s.in_memory for s in plan.servers):
             shutil.copyfile(image, source)
-        for run in range(1, plan.runs + 1):
-            for server in plan.servers:
-                samples += _session(server, run, image, source, workdir, plan, progress)
+        for row in plan.rows:
+            for run in range(1, plan.runs + 1):
+                for server in plan.servers:
+                    if server.key in broken:
+                        continue
+                    sample = _cell(server, row, run, image, source, workdir, plan)
+                    if sample is None:
+                        broken.add(server.key)
+                        progress(f"ERROR {plan.errors[-1]} (skipping {server.label} from now on)")
+                        continue
+                    progress(_describe(sample, server, row, run, plan.runs))
+                    samples.append(sample)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return samples
 
 
-def _session(server: Server, run: int, image: Path, source: Path, workdir: Path, plan: Plan,
-             progress: Callable[[str], None]) -> list[Sample]:  # fmt: skip
-    samples: list[Sample] = []
+def _cell(server: Server, row: Row, run: int, image: Path, source: Path, workdir: Path,
+          plan: Plan) -> Sample | None:  # fmt: skip
+    """One measurement on a freshly started server; None (and an error noted) if it would not
+    start or died under load."""
     try:
         with running(server, image, plan.size, workdir) as (proc, ep):
             if server.in_memory:
                 _client(["nbdcopy", str(source), ep.uri], timeout=300)
-            for row in plan.rows:
-                sample = measure(row, server, run, proc.pid, ep, plan, source)
-                progress(_describe(sample, server, row, run, plan.runs))
-                samples.append(sample)
-                if proc.poll() is not None:
-                    raise ServerStartError(f"{server.label} died (status {proc.returncode})")
+            sample = measure(row, server, run, proc.pid, ep, plan, source)
+            if proc.poll() is not None:
+                raise ServerStartError(f"died under load (status {proc.returncode})")
+            return sample
     except (ServerStartError, RuntimeError, subprocess.TimeoutExpired) as exc:
-        message = f"run {run}, {server.label}: {exc}"
-        plan.errors.append(message)
-        progress("ERROR " + message)
-    return samples
+        plan.errors.append(f"{row.title}, run {run}, {server.label}: {exc}")
+        return None
 
 
 def _describe(s: Sample, server: Server, row: Row, run: int, runs: int) -> str:
@@ -165,4 +177,6 @@ def describe_machine(plan: Plan) -> dict[str, Any]:
             "python": platform.python_version(),
         },
         "errors": plan.errors,
+        "load_before": plan.load_before,
+        "load_after": os.getloadavg()[0],
     }

@@ -130,6 +130,8 @@ META = {
     "runs": 1,
     "runtime": 1.0,
     "errors": [],
+    "load_before": 0.1,
+    "load_after": 1.5,
 }
 
 
@@ -142,7 +144,15 @@ def test_markdown_shows_throughput_ratios_cpu_and_rss() -> None:
     assert "| 1M sequential read QD8 | 600 MiB/s | 300 MiB/s |" in text
     assert "| 1M sequential read QD8 | nbdserve | 2.00x | 2.00x (nbdkit file) |" in text
     assert "| 1M sequential read QD8 | 42 | 10 |" in text
+    assert "0.10 → 1.50" in text
     assert to_json(META, samples, cells, ratio_list)["ratios"][0]["vs_fastest"] == 2.0
+
+
+def test_markdown_lists_errors_one_per_line() -> None:
+    meta = {**META, "errors": ["1M read, run 1, nbdserve: exited 1:\nTraceback\n  boom"]}
+    text = markdown(meta, [ROW["seqread-1m-qd8"]], [SERVER["nbdserve"]], {}, [])
+    assert "- 1M read, run 1, nbdserve: exited 1: / Traceback / boom\n" in text
+    assert "| 1M sequential read QD8 | — |" in text
 
 
 def test_markdown_small_io_rows_lead_with_iops() -> None:

@@ -215,7 +215,7 @@ def read_reply_of(sock: Sock, read_off: int = 0, read_len: int = 0) -> Reply:
         payload = recv_exact(sock, length)
         if ctype == CHUNK_OFFSET_DATA:
             off = struct.unpack(">Q", payload[:8])[0] - read_off
-            assert 0 <= off and off + length - 8 <= read_len, "data chunk outside the request"
+            assert off >= 0 and off + length - 8 <= read_len, "data chunk outside the request"
             buf[off : off + length - 8] = payload[8:]
         elif ctype == CHUNK_OFFSET_HOLE:
             pass  # buf is zero-filled already

@@ -103,10 +103,9 @@ class Server:
 
 def start(args: list[str], sock: Path, log: Path) -> Server:
     """Start ``nbdserve ARGS`` (which must make it listen on ``sock``) and wait until ready."""
+    argv = [*(NBDSERVE if target() == "nbdserve" else [target()]), *args]
     with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [*(NBDSERVE if target() == "nbdserve" else [target()]), *args], stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env()
-        )
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env())
     server = Server(proc, sock, log)
     deadline = time.monotonic() + START_TIMEOUT
     while not unix_listening(sock):

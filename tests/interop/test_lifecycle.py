@@ -1,0 +1,91 @@
+"""Process behaviour shared with qemu-nbd: lifetime without -t, connection limits, pid files,
+SIGTERM, and clear errors for bad command lines."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.interop._server import (
+    ImageFactory,
+    MiB,
+    ServeFactory,
+    ServerKind,
+    server_argv,
+    subprocess_env,
+)
+from tests.interop._tools import qemu_io, run
+
+
+def test_without_persistent_server_exits_after_first_client(serve: ServeFactory,
+                                                            image: Path) -> None:
+    server = serve("-f", "raw", str(image), persistent=False, shared=None)
+    qemu_io(server, "write -P 0x61 0 64k")
+    assert server.wait_exit() == 0, server.describe()
+    assert image.read_bytes()[:65536] == b"\x61" * 65536
+
+
+def test_persistent_server_serves_clients_in_turn(serve: ServeFactory, image: Path) -> None:
+    server = serve("-f", "raw", str(image), shared=1)  # -e 1: one client at a time
+    for n in range(1, 6):
+        qemu_io(server, f"write -P {n} {n}M 4k", f"read -P {n} {n}M 4k")
+    for n in range(1, 6):
+        qemu_io(server, f"read -P {n} {n}M 4k")
+
+
+def test_sigterm_with_client_connected_exits_cleanly(serve: ServeFactory, image: Path) -> None:
+    server = serve("-f", "raw", str(image))
+    client = subprocess.Popen(  # holds a connection open: qemu-io waits for commands on stdin
+        ["qemu-io", "-f", "raw", server.uri()], stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    try:
+        assert client.stdin is not None
+        client.stdin.write(b"write -P 0x3c 0 4k\n")
+        client.stdin.flush()
+        # Wait until the write has reached the server: a second client reads it back.
+        qemu_io(server, "read -P 0x3c 0 4k")
+        server.stop()  # asserts exit status 0 within the stop timeout
+    finally:
+        client.kill()
+        client.wait()
+    assert image.read_bytes()[:4096] == b"\x3c" * 4096
+
+
+def test_pid_file_names_the_server(serve: ServeFactory, image: Path, tmp_path: Path) -> None:
+    pid_file = tmp_path / "server.pid"
+    server = serve("-f", "raw", "--pid-file", str(pid_file), str(image))
+    assert int(pid_file.read_text().strip()) == server.process.pid
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["-f", "raw", "no-such-image.img"], "no-such-image.img"),
+    (["-f", "raw", "--discard=sometimes", "IMAGE"], "sometimes"),
+    (["-f", "raw", "--cache=fast", "IMAGE"], "fast"),
+    (["-f", "raw", "-p", "notaport", "IMAGE"], "notaport"),
+])
+def test_bad_arguments_give_one_clear_error(kind: ServerKind, make_image: ImageFactory,
+                                            tmp_path: Path, args: list[str],
+                                            named: str) -> None:
+    image = make_image(MiB)
+    argv = [*server_argv(kind), *(str(image) if a == "IMAGE" else a for a in args)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                            env=subprocess_env(), stdin=subprocess.DEVNULL)
+    assert result.returncode in (1, 2), result
+    assert named in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_export_survives_a_client_that_disconnects_mid_handshake(serve: ServeFactory,
+                                                                 image: Path) -> None:
+    server = serve("-f", "raw", str(image))
+    assert server.socket_path is not None
+    for cut in (0, 4, 16):  # bytes of the greeting read before hanging up
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(os.fspath(server.socket_path))
+            if cut:
+                s.recv(cut)
+    run(["nbdinfo", "--size", server.uri()], server=server)

@@ -15,6 +15,7 @@ import io
 import struct
 from typing import Any
 
+import construct
 from construct import (
     Array,
     Const,
@@ -92,14 +93,14 @@ RepMetaContext = Struct("context_id" / Int32ub, "name" / GreedyString("utf8"))
 
 #: NBD_REP_INFO payloads; each starts with its NBD_INFO_* type.
 InfoExport = Struct(
-    "type" / Const(Info.EXPORT, Int16ub), "size" / Int64ub, "flags" / Int16ub
+    "type" / Const(int(Info.EXPORT), Int16ub), "size" / Int64ub, "flags" / Int16ub
 )
-InfoName = Struct("type" / Const(Info.NAME, Int16ub), "name" / GreedyString("utf8"))
+InfoName = Struct("type" / Const(int(Info.NAME), Int16ub), "name" / GreedyString("utf8"))
 InfoDescription = Struct(
-    "type" / Const(Info.DESCRIPTION, Int16ub), "description" / GreedyString("utf8")
+    "type" / Const(int(Info.DESCRIPTION), Int16ub), "description" / GreedyString("utf8")
 )
 InfoBlockSize = Struct(
-    "type" / Const(Info.BLOCK_SIZE, Int16ub),
+    "type" / Const(int(Info.BLOCK_SIZE), Int16ub),
     "minimum" / Int32ub,
     "preferred" / Int32ub,
     "maximum" / Int32ub,
@@ -200,7 +201,10 @@ ExtendedChunkHeaderCompiled = ExtendedChunkHeader.compile()
 SCHEMAS: dict[str, Construct] = {
     name: value
     for name, value in dict(globals()).items()
-    if isinstance(value, Construct) and name[0].isupper() and not name.endswith("Compiled")
+    if isinstance(value, Construct)
+    and name[0].isupper()
+    and not name.endswith("Compiled")
+    and not hasattr(construct, name)
 }
 
 # -- fast paths --------------------------------------------------------------------------------

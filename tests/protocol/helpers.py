@@ -112,25 +112,24 @@ class HandshakePair:
                 for piece in self._split(out):
                     self.server.receive_data(piece)
             while self.server_ready is None:
-                ev = self.server.next_event()
+                sev = self.server.next_event()
                 reply = self.server.data_to_send()
                 if reply:
                     self._feed_client(reply)
                     progress = True
-                if ev is NEED_DATA:
+                if sev is NEED_DATA:
                     break
-                self.server_events.append(ev)
+                self.server_events.append(sev)
                 progress = True
-                if isinstance(ev, StartTLS):
+                if isinstance(sev, StartTLS):
                     # In memory the "TLS" stream is the same pipe; both sides reset.
-                    self._pending_tls = True
                     self.client_tls()
                     self.server.tls_established()
-                if isinstance(ev, Ready):
-                    self.server_ready = ev
-                if isinstance(ev, Aborted | Closed | Ready):
+                if isinstance(sev, Ready):
+                    self.server_ready = sev
+                if isinstance(sev, Aborted | Closed | Ready):
                     break
-                assert isinstance(ev, OptionHandled | StartTLS)
+                assert isinstance(sev, OptionHandled | StartTLS)
 
     def client_tls(self) -> None:
         # The client learns of the ACK when it reads it; drain its events first.

@@ -1,0 +1,8 @@
+"""The qcow2 format driver: v2/v3 images, backing chains, compressed and zero clusters,
+allocation with copy-on-write, image creation and snapshot overlays."""
+
+from .create import create_qcow2, qcow2_image_bytes
+from .driver import Qcow2Driver
+from .header import Qcow2FormatError
+
+__all__ = ["Qcow2Driver", "Qcow2FormatError", "create_qcow2", "qcow2_image_bytes"]

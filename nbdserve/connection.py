@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -72,7 +73,7 @@ class Connection:
         self.export: Export | None = None
         self.end_reason = "eof"
         self._log = get_logger(conn=self.id, peer=transport.peer, transport=transport.kind)
-        self._debug = self._log.isEnabledFor(10)
+        self._debug = self._log.is_enabled_for(logging.DEBUG)
         self._scope = trio.CancelScope()
         self._stopping = False
         self._in_transmission = False

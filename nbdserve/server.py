@@ -131,16 +131,23 @@ class Server:
                     raise
 
     async def _handle(self, transport: Transport, slots: trio.Semaphore | None) -> None:
-        conn = Connection(transport, self.catalogue, handshake_timeout=self.handshake_timeout,
-                          max_in_flight=self.max_in_flight, tls=self.tls)
-        self.connections.add(conn)
-        self.served += 1
+        conn = None
         try:
+            conn = Connection(transport, self.catalogue,
+                              handshake_timeout=self.handshake_timeout,
+                              max_in_flight=self.max_in_flight, tls=self.tls)
+            self.connections.add(conn)
+            self.served += 1
             if self._shutting_down:
                 conn.stop()
             await conn.run()
+        except Exception as e:  # Connection.run() catches its own; this guards the set-up
+            self._log.error("connection handler failed", error=f"{type(e).__name__}: {e}")
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
         finally:
-            self.connections.discard(conn)
+            if conn is not None:
+                self.connections.discard(conn)
             if slots is not None:
                 slots.release()
             if not self.persistent and not self.connections:

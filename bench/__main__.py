@@ -6,6 +6,7 @@ import re
 import sys
 from pathlib import Path
 
+from .profile import ProfilerError, require_py_spy
 from .render import chart, markdown
 from .results import ratios, summarise, to_json
 from .runner import Plan, describe_machine, run_all
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the image lives; must be page-cached (default /dev/shm)",
     )
     p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample every nbdserve cell with py-spy; collapsed stacks and summaries go to DIR",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path(__file__).with_name("results"),
@@ -90,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.image_dir.is_dir():
         print(f"error: --image-dir {args.image_dir} is not a directory", file=sys.stderr)
         return 2
+    if args.profile is not None:
+        try:
+            require_py_spy()
+        except ProfilerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        args.profile.mkdir(parents=True, exist_ok=True)
     plan = Plan(
         rows=[r for r in ROWS if r.key in args.rows],
         servers=[s for s in SERVERS if s.key in args.servers],
@@ -97,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         runs=runs,
         runtime=runtime,
         image_dir=args.image_dir,
+        profile_dir=args.profile,
     )
     if plan.load_before > 0.5:
         print(f"note: load average is {plan.load_before:.2f}; other work will skew the figures")

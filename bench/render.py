@@ -48,6 +48,11 @@ def markdown(
         f"Load average (1 min) before and after: {meta['load_before']:.2f} → "
         f"{meta['load_after']:.2f}; other work on the machine skews the figures.",
         "",
+        *(
+            ["**Profiled**: py-spy sampled every nbdserve cell, which costs it some CPU.", ""]
+            if meta.get("profiled")
+            else []
+        ),
         "## Throughput",
         "",
         *_table(

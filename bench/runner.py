@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import procstat
+from . import procstat, profile
 from .results import Sample
 from .servers import Endpoint, Server, ServerStartError, running
 from .workloads import FioOutputError, Outcome, Row, fio_command, nbdcopy_command, parse_fio
@@ -29,6 +29,7 @@ class Plan:
     runtime: float
     image_dir: Path
     errors: list[str] = field(default_factory=list)
+    profile_dir: Path | None = None  # py-spy every nbdserve cell into this directory
     load_before: float = field(default_factory=lambda: os.getloadavg()[0])
 
 
@@ -67,7 +68,15 @@ def measure(row: Row, server: Server, run: int, pid: int, ep: Endpoint, plan: Pl
     procstat.reset_peak_rss(pid)
     cpu_before = procstat.cpu_seconds(pid)
     try:
-        outcome = _drive(row, ep, plan, source)
+        if plan.profile_dir is not None and server.is_nbdserve:
+            stacks = plan.profile_dir / f"{row.key}.{server.key}.run{run}.txt"
+            with profile.sampling(pid, stacks):
+                outcome = _drive(row, ep, plan, source)
+            if stacks.exists():
+                summary = profile.summarise_stacks(stacks.read_text())
+                stacks.with_suffix(".top.txt").write_text(summary)
+        else:
+            outcome = _drive(row, ep, plan, source)
     except (RuntimeError, FioOutputError, subprocess.TimeoutExpired) as exc:
         return Sample(row.key, server.key, run, error=str(exc))
     return Sample(
@@ -176,6 +185,7 @@ def describe_machine(plan: Plan) -> dict[str, Any]:
             "nbdcopy": _version(["nbdcopy", "--version"]),
             "python": platform.python_version(),
         },
+        "profiled": plan.profile_dir is not None,
         "errors": plan.errors,
         "load_before": plan.load_before,
         "load_after": os.getloadavg()[0],

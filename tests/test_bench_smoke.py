@@ -9,6 +9,7 @@ import pytest
 
 from bench import procstat
 from bench.__main__ import build_parser, parse_size
+from bench.profile import summarise_stacks
 from bench.render import chart, markdown
 from bench.results import Sample, ratios, summarise, to_json
 from bench.servers import SERVERS
@@ -212,3 +213,19 @@ def test_procstat_reads_this_process() -> None:
     assert procstat.cpu_seconds(pid) - before >= 0.05
     assert procstat.peak_rss_bytes(pid) > 1 << 20
     assert pid in procstat.process_tree(pid)
+
+
+def test_profile_summary_self_and_inclusive_shares() -> None:
+    collapsed = "\n".join(
+        [
+            "main (s.py:1);serve (s.py:5);parse (p.py:9) 30",
+            "main (s.py:1);serve (s.py:5);send (t.py:2) 60",
+            "main (s.py:1);serve (s.py:5) 10",
+            "garbage line",
+        ]
+    )
+    text = summarise_stacks(collapsed)
+    assert text.startswith("100 samples")
+    assert "  60.0  send (t.py:2)" in text
+    assert " 100.0  serve (s.py:5)" in text  # inclusive: every sample passes through serve
+    assert summarise_stacks("") == "no samples\n"

@@ -1,4 +1,4 @@
-"""A qcow2 overlay over a qcow2 base, exported with -A: data, holes and allocation depth.
+"""Meta contexts: base:allocation and qemu:allocation-depth over a raw image and a qcow2 chain.
 
 Images are built with qemu-img and qemu-io directly on the files, so the expected layout is
 QEMU's own; both servers must then report it the same way over NBD.
@@ -74,3 +74,16 @@ def test_without_a_flag_allocation_depth_is_not_offered(serve: ServeFactory,
                                                         chain: Path) -> None:
     server = serve("-f", "qcow2", str(chain))
     assert "qemu:allocation-depth" not in nbdinfo_json(server)["exports"][0]["contexts"]
+
+
+def test_allocation_depth_of_a_raw_image_is_one_layer(serve: ServeFactory,
+                                                       tmp_path: Path) -> None:
+    # A protocol-level image has no backing chain: QEMU counts all of it as local (depth 1),
+    # holes included.
+    image = tmp_path / "sparse.img"
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+        f.seek(MiB)
+        f.write(b"\x01" * MiB)
+    server = serve("-f", "raw", "-A", str(image))
+    assert nbdinfo_map(server, "qemu:allocation-depth") == [(0, SIZE, 1)]

@@ -1,0 +1,467 @@
+"""The ``file`` protocol driver: a regular file or a block device.
+
+Options (besides the generic ``read-only``, ``cache.direct``, ``cache.no-flush``, ``discard``)::
+
+    filename   path of a regular file or block device (required)
+    aio        threads | native | io_uring  (default threads)
+    locking    auto | on | off              (default auto)
+
+**I/O engine.** Reads and writes first try the page cache from the event loop:
+``preadv2``/``pwritev2`` with ``RWF_NOWAIT`` either complete at once or fail with EAGAIN
+(data not cached, writeback would block), in which case the request goes to the bounded
+thread pool of :mod:`nbdserve.block.threads`. Python offers neither Linux AIO nor io_uring, so
+``aio=native`` and ``aio=io_uring`` are accepted for configurations written for QEMU and are
+served by this same engine; the node reports ``aio_engine == "threads"``. Some filesystems
+(ext4 and tmpfs in Linux 6.x, for example) refuse ``RWF_NOWAIT`` on buffered writes; then
+every write goes through the thread pool (the driver notices once and stops trying). With
+``cache.direct=on`` (O_DIRECT) nothing waits in the event loop: a direct transfer always
+goes to the disk, so all of it runs in the thread pool.
+
+**Buffers.** Reads return a recycled ``bytearray`` (page-aligned memory with O_DIRECT) that
+belongs to the caller until the caller drops every reference; see ``_file_buffers.py``.
+
+**FUA** is native: ``RWF_DSYNC`` on the write. **Flush** is ``fdatasync``; after one failed
+flush every later one fails too, as in QEMU, because the kernel may already have dropped the
+dirty pages whose writeback failed, so a later success would be a lie.
+
+**Zeroing** (``FALLOC_FL_PUNCH_HOLE`` when unmapping is allowed, else ``FALLOC_FL_ZERO_RANGE``,
+else punch a hole and allocate it again) never falls back to writing zeros itself: it raises
+ENOTSUP and the generic layer writes zero buffers. Zeroing is advertised as cheap (NO_FALLBACK)
+when hole punching works on the filesystem, probed at open without changing the file. Block
+devices zero through ``fallocate`` too, but never claim to be cheap: the kernel may emulate
+it by writing zeros. **Discard** punches holes (``BLKDISCARD`` on block devices); on a
+filesystem that can't, the node has no discard callback at all.
+
+**Block status** comes from ``lseek(SEEK_DATA/SEEK_HOLE)``: data is DATA, holes are ZERO,
+both OFFSET_VALID with this node as the file. Block devices (and filesystems without
+SEEK_DATA) report everything as data.
+
+**O_DIRECT** needs requests aligned to the device's logical block: probed at open with the
+block-size ioctl on devices and with trial reads of 1, 512, ... 4096 bytes on files (a read
+that succeeds at 1 byte proves nothing -- holes and EOF are not checked -- so it means
+``max(4096, page size)``). The result is ``limits.request_alignment``.
+
+**Locking** (``_file_lock.py``): QEMU-compatible OFD byte-range locks reflecting the node's
+cumulative permissions, taken in ``check_perm``. Policy beyond QEMU's bytes: a node holding
+WRITE never shares WRITE or RESIZE with other processes, whatever its users share among
+themselves inside this process, so two writers on one image are always refused.
+``locking=auto`` uses the locks where the filesystem has them, ``on`` insists, ``off``
+skips them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import stat
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .. import threads
+from ..driver import Driver, Opt
+from ..errors import GraphError
+from ..types import Buffer, Extent, Limits, Perm, ReqFlags, Status
+from . import _file_sys as sys_
+from ._file_buffers import BufferPool
+from ._file_lock import ImageLock, ImageLockedError, ofd_locks_supported
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+__all__ = ["FileDriver"]
+
+_preadv = os.preadv
+_pwritev = os.pwritev
+_RWF_NOWAIT = os.RWF_NOWAIT
+_RWF_DSYNC = os.RWF_DSYNC
+_FUA = ReqFlags.FUA
+
+#: Largest single transfer: below Linux's per-call cap of 0x7ffff000 bytes, and aligned.
+MAX_TRANSFER = 1 << 30
+_PROBE_SIZES = (1, 512, 1024, 2048, 4096)
+_DATA = Status.DATA | Status.OFFSET_VALID
+_ZERO = Status.ZERO | Status.OFFSET_VALID
+_PUNCH = sys_.FALLOC_FL_PUNCH_HOLE | sys_.FALLOC_FL_KEEP_SIZE
+_ZERO_RANGE = sys_.FALLOC_FL_ZERO_RANGE | sys_.FALLOC_FL_KEEP_SIZE
+#: errnos after which a fallocate mode is never tried again on this node. EINVAL is left out:
+#: some filesystems return it just for a misaligned range.
+_GONE = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+class FileDriver(Driver):
+    """A node backed by one file descriptor on a regular file or block device."""
+
+    name = "file"
+    options: ClassVar[Mapping[str, Opt]] = {
+        "filename": Opt(str, help="path of a regular file or block device"),
+        "aio": Opt(
+            ("threads", "native", "io_uring"),
+            "threads",
+            help="accepted for QEMU compatibility; all are served by RWF_NOWAIT + threads",
+        ),
+        "locking": Opt(
+            ("auto", "on", "off"),
+            "auto",
+            help="QEMU-compatible image locks: auto = where the filesystem supports them",
+        ),
+    }
+    supported_write_flags = ReqFlags.FUA
+
+    def __init__(self, node: Node, opts: Mapping[str, Any]) -> None:
+        super().__init__(node, opts)
+        self.filename: str = opts["filename"]
+        self.aio_engine = "threads"
+        self.fd = -1
+        self.is_block_device = False
+        self.direct = False
+        self.read_only = False
+        self.lock: ImageLock | None = None
+        self._size = 0
+        self._align = 1
+        self._pool: BufferPool[bytearray] = BufferPool(bytearray)
+        self._direct_pool: BufferPool[mmap.mmap] = BufferPool(sys_.aligned_buffer)
+        self._nowait_writes = True
+        self._can_punch = False
+        self._can_zero_range = False
+        self._seek_data = True
+        self._flush_error: OSError | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def open(self) -> None:
+        node = self.node
+        self.read_only = node.read_only
+        self.direct = node.cache_direct
+        fd = self._open_fd()
+        self.fd = fd
+        try:
+            await threads.run_sync(self._setup)
+        except BaseException:
+            self.fd = -1
+            os.close(fd)
+            raise
+
+    def _open_fd(self) -> int:
+        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
+        if self.direct:
+            flags |= os.O_DIRECT
+        try:
+            return os.open(self.filename, flags)
+        except OSError as exc:
+            if self.direct and exc.errno == errno.EINVAL:
+                raise self._error(
+                    "the filesystem does not support O_DIRECT (cache.direct=on); "
+                    "use cache.direct=off"
+                ) from None
+            hint = " (read-only=on opens it without write access)" if (
+                exc.errno in (errno.EACCES, errno.EROFS) and not self.read_only
+            ) else ""
+            raise self._error(f"cannot open: {exc.strerror}{hint}", key="filename") from None
+
+    def _setup(self) -> None:
+        """Everything at open that may touch the disk (so it runs in a worker thread)."""
+        fd = self.fd
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            self.is_block_device = True
+            self._size = os.lseek(fd, 0, os.SEEK_END)
+        elif stat.S_ISREG(st.st_mode):
+            self._size = st.st_size
+        else:
+            raise self._error("not a regular file or block device", key="filename")
+        if self.direct:
+            self._align = self._probe_alignment()
+        self._probe_fallocate()
+        mode = self.opts.get("locking", "auto")
+        if mode != "off":
+            if ofd_locks_supported(fd):
+                self.lock = ImageLock(fd, self.filename)
+            elif mode == "on":
+                raise self._error(
+                    "locking=on, but the filesystem does not support OFD locks", key="locking"
+                )
+        self.limits = Limits(
+            request_alignment=self._align,
+            max_transfer=MAX_TRANSFER,
+            discard_alignment=self._align if self.is_block_device else 0,
+        )
+        # The node binds callbacks with getattr; None withdraws one this node can't serve.
+        if self.direct:
+            self._withdraw("read_nowait", "write_nowait")
+        if self.read_only:
+            self._withdraw("write_nowait", "write", "zero", "discard", "truncate")
+        elif not self._can_punch and not self.is_block_device:
+            self._withdraw("discard")
+
+    def _withdraw(self, *names: str) -> None:
+        for name in names:
+            setattr(self, name, None)
+
+    async def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            # Closing drops the OFD locks with the open file description.
+            self.lock = None
+            os.close(fd)
+
+    def length(self) -> int:
+        return self._size
+
+    def _error(self, message: str, key: str | None = None) -> GraphError:
+        return GraphError.at(self.node.name, key, f"'{self.filename}': {message}")
+
+    # -- probes -----------------------------------------------------------------------------
+    def _probe_alignment(self) -> int:
+        if self.is_block_device:
+            try:
+                return sys_.block_device_sector_size(self.fd)
+            except OSError:
+                pass  # fall back to trial reads
+        page = mmap.PAGESIZE
+        buf = sys_.aligned_buffer(max(page, _PROBE_SIZES[-1]))
+        with memoryview(buf) as view:
+            for size in _PROBE_SIZES:
+                try:
+                    os.preadv(self.fd, [view[:size]], 0)
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:
+                        continue
+                    raise self._error(f"probing the O_DIRECT alignment: {exc.strerror}") from None
+                return size if size > 1 else max(4096, page)
+        raise self._error("could not find a working O_DIRECT alignment")
+
+    def _probe_fallocate(self) -> None:
+        """Whether hole punching works here, without changing the file: punching past the
+        end with KEEP_SIZE is a no-op to every filesystem that supports it."""
+        if self.read_only or self.is_block_device:
+            # Block devices reject ranges past their end; their support shows on first use.
+            self._can_punch = self._can_zero_range = self.is_block_device and not self.read_only
+            return
+        try:
+            sys_.fallocate(self.fd, _PUNCH, self._size, 1)
+        except OSError as exc:
+            if exc.errno not in sys_.UNSUPPORTED_ERRNOS:
+                raise
+            return
+        self._can_punch = self._can_zero_range = True
+        self.supported_zero_flags = ReqFlags.MAY_UNMAP | ReqFlags.NO_FALLBACK
+
+    # -- permissions / locking --------------------------------------------------------------
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        if self.lock is None:
+            return
+        if perm & Perm.WRITE:
+            shared &= ~(Perm.WRITE | Perm.RESIZE)
+        try:
+            self.lock.prepare(perm, shared)
+        except ImageLockedError as exc:
+            raise GraphError.at(self.node.name, None, exc.strerror or str(exc)) from None
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        if self.lock is not None:
+            self.lock.commit()
+
+    def abort_perm(self) -> None:
+        if self.lock is not None:
+            self.lock.abort()
+
+    # -- reads ------------------------------------------------------------------------------
+    def read_nowait(self, offset: int, length: int) -> Buffer | None:
+        buf = self._pool.take(length)
+        try:
+            if _preadv(self.fd, [buf], offset, _RWF_NOWAIT) == length:
+                return buf
+        except BlockingIOError:
+            pass
+        # Not cached, or a short read (partly cached, or the file shrank): read() decides.
+        return None
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        if self.direct:
+            abuf = self._direct_pool.take(length)
+            view = memoryview(abuf)
+            await threads.run_sync(self._pread_direct, view, offset)
+            return view
+        buf = self._pool.take(length)
+        await threads.run_sync(self._pread, buf, offset)
+        return buf
+
+    def _pread(self, buf: bytearray, offset: int) -> None:
+        length = len(buf)
+        done = _preadv(self.fd, [buf], offset)
+        if done == length:
+            return
+        with memoryview(buf) as view:
+            while done < length:
+                n = _preadv(self.fd, [view[done:]], offset + done)
+                if n == 0:  # end of file: the file shrank under us; it reads as zeros
+                    view[done:] = bytes(length - done)
+                    return
+                done += n
+
+    def _pread_direct(self, view: memoryview, offset: int) -> None:
+        done = _preadv(self.fd, [view], offset)
+        if done < len(view):
+            # A short direct read only happens at the end of the file; another read would
+            # start misaligned, so zero-fill the rest.
+            view[done:] = bytes(len(view) - done)
+
+    # -- writes -----------------------------------------------------------------------------
+    def write_nowait(self, offset: int, data: Buffer, flags: ReqFlags) -> bool:
+        if flags & _FUA or not self._nowait_writes:
+            return False  # a durable write waits for the disk: not in the event loop
+        try:
+            return _pwritev(self.fd, [data], offset, _RWF_NOWAIT) == len(data)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            # This filesystem can't do non-blocking buffered writes: stop asking.
+            self._nowait_writes = False
+            return False
+        # A partial write returns False too: write() then writes it all, the same bytes again.
+
+    async def write(self, offset: int, data: Buffer, flags: ReqFlags) -> None:
+        rwf = _RWF_DSYNC if flags & _FUA else 0
+        if self.direct:
+            abuf = self._direct_pool.take(len(data))
+            await threads.run_sync(self._pwrite_direct, abuf, data, offset, rwf)
+        else:
+            await threads.run_sync(self._pwrite, data, offset, rwf)
+
+    def _pwrite(self, data: Buffer, offset: int, rwf: int) -> None:
+        length = len(data)
+        done = _pwritev(self.fd, [data], offset, rwf)
+        if done < length:
+            with memoryview(data) as view:
+                while done < length:
+                    done += _pwritev(self.fd, [view[done:]], offset + done, rwf)
+
+    def _pwrite_direct(self, abuf: mmap.mmap, data: Buffer, offset: int, rwf: int) -> None:
+        length = len(data)
+        with memoryview(abuf) as view:
+            view[:] = data  # O_DIRECT needs aligned memory: copy into a page-aligned buffer
+            done = 0
+            while done < length:
+                done += _pwritev(self.fd, [view[done:]], offset + done, rwf)
+        if offset + length > self._size:
+            # The generic layer padded the last partial block of the image; don't let the
+            # padding grow the file.
+            os.ftruncate(self.fd, self._size)
+
+    # -- zero, discard ----------------------------------------------------------------------
+    async def zero(self, offset: int, length: int, flags: ReqFlags) -> None:
+        await threads.run_sync(self._zero, offset, length, flags)
+
+    def _zero(self, offset: int, length: int, flags: ReqFlags) -> None:
+        unmap = flags & ReqFlags.MAY_UNMAP
+        if unmap and self._can_punch and self._try_fallocate(_PUNCH, offset, length):
+            return
+        if self._can_zero_range and self._try_fallocate(
+            _ZERO_RANGE, offset, length, "_can_zero_range"
+        ):
+            return
+        if (
+            self._can_punch
+            and not self.is_block_device
+            and self._try_fallocate(_PUNCH, offset, length)
+        ):
+            # Allocate the range again: the caller asked for zeros, not for a hole. Failing
+            # that (e.g. ENOSPC) still leaves the range reading as zeros.
+            with contextlib.suppress(OSError):
+                sys_.fallocate(self.fd, sys_.FALLOC_FL_KEEP_SIZE, offset, length)
+            return
+        raise OSError(errno.ENOTSUP, f"'{self.filename}' cannot zero a range without writing")
+
+    def _try_fallocate(
+        self, mode: int, offset: int, length: int, capability: str = "_can_punch"
+    ) -> bool:
+        """One fallocate; False when this filesystem can't, raising real failures."""
+        try:
+            sys_.fallocate(self.fd, mode, offset, length)
+        except OSError as exc:
+            if exc.errno in _GONE:
+                setattr(self, capability, False)
+                return False
+            if exc.errno == errno.EINVAL:
+                return False
+            raise
+        return True
+
+    async def discard(self, offset: int, length: int) -> None:
+        if self.is_block_device:
+            # BLKDISCARD takes whole sectors; a discard may always do less than asked.
+            mask = self._align - 1
+            start = (offset + mask) & ~mask
+            end = (offset + length) & ~mask
+            if end > start and self._can_punch:
+                await threads.run_sync(self._blkdiscard, start, end - start)
+        elif self._can_punch:
+            await threads.run_sync(self._try_fallocate, _PUNCH, offset, length)
+
+    def _blkdiscard(self, offset: int, length: int) -> None:
+        try:
+            sys_.block_device_discard(self.fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in sys_.UNSUPPORTED_ERRNOS:
+                raise
+            self._can_punch = False  # the device can't discard: later discards do nothing
+
+    # -- flush, cache, truncate -------------------------------------------------------------
+    async def flush(self) -> None:
+        if self._flush_error is not None:
+            raise self._flush_error
+        try:
+            await threads.run_sync(os.fdatasync, self.fd)
+        except OSError as exc:
+            if not self.direct:
+                self._flush_error = OSError(
+                    exc.errno or errno.EIO,
+                    f"'{self.filename}': an earlier flush failed ({exc.strerror}); written "
+                    "data may be lost, so no flush can succeed any more",
+                )
+            raise
+
+    async def cache(self, offset: int, length: int) -> None:
+        await threads.run_sync(os.posix_fadvise, self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    async def truncate(self, length: int) -> None:
+        if self.is_block_device:
+            raise OSError(errno.ENOTSUP, f"'{self.filename}': a block device cannot be resized")
+        await threads.run_sync(os.ftruncate, self.fd, length)
+        self._size = length
+
+    # -- block status -----------------------------------------------------------------------
+    async def block_status(self, offset: int, length: int) -> Extent:
+        # lseek on the extent tree does not wait for file data; QEMU calls it inline too.
+        node = self.node
+        if self.is_block_device or not self._seek_data:
+            return Extent(length, _DATA, offset, node)
+        align = self._align
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from here on: a hole up to the end
+                zeros = max(self._size - offset, length)
+                return Extent(zeros + -zeros % align, _ZERO, offset, node)
+            if exc.errno in sys_.UNSUPPORTED_ERRNOS:
+                self._seek_data = False
+            return Extent(length, _DATA, offset, node)  # unknown: data is the safe answer
+        if data > offset:
+            zeros = data - offset
+            if align > 1:
+                zeros -= zeros % align  # a hole not aligned to our blocks: count what is
+            if zeros:
+                return Extent(zeros, _ZERO, offset, node)
+            return Extent(align, _DATA, offset, node)
+        try:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError:
+            hole = offset  # the file shrank between the two calls
+        if hole <= offset:
+            # Someone punched a hole between the two calls: data is the safe answer.
+            return Extent(length, _DATA, offset, node)
+        run = hole - offset
+        return Extent(run + -run % align, _DATA, offset, node)  # round up an unaligned EOF

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .types import Buffer, Extent, Limits, ReqFlags, Role
+from .types import Buffer, Extent, Limits, Perm, ReqFlags, Role
 
 if TYPE_CHECKING:
     from .node import Child, Node
@@ -93,8 +93,33 @@ class Driver:
         """Release resources. Called once, after the last request."""
 
     def length(self) -> int:
-        """Current size in bytes. Cheap: keep it cached."""
+        """Current size in bytes. Cheap: keep it cached. A filter that does not define it
+        has its child's size."""
         raise NotImplementedError
+
+    # -- permissions (optional) ----------------------------------------------------------
+    # Called inside a graph transaction with the node's new cumulative permissions: what its
+    # users hold together (``perm``) and what they all let others do (``shared``).
+    # ``check_perm`` may refuse by raising OSError or GraphError (the file driver takes its
+    # byte-range locks here); then exactly one of ``set_perm`` (commit) or ``abort_perm``
+    # (roll back whatever check_perm took) follows.
+
+    def child_perms(
+        self, child: str, role: Role, perm: Perm, shared: Perm
+    ) -> tuple[Perm, Perm] | None:
+        """What to use and share on child edge ``child``, given the node's cumulative
+        ``perm``/``shared``; None (the default) applies the standard rule for ``role``
+        (see ``perms.py``)."""
+        return None
+
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        """Refuse (raise) if the node cannot serve these permissions."""
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """The transaction committed with the permissions last passed to ``check_perm``."""
+
+    def abort_perm(self) -> None:
+        """The transaction failed: undo what the last ``check_perm`` did."""
 
     # -- the request callbacks: define only the ones the driver has --------------------
     # read(offset, length) -> Buffer                        (async)
@@ -106,7 +131,10 @@ class Driver:
     # flush() -> None                                       (async)
     # cache(offset, length) -> None                         (async; prefetch hint)
     # block_status(offset, length) -> Extent                (async; length may run past the
-    #                                                        request; generic code clamps it)
+    #                                                        request; generic code clamps it.
+    #     A format/protocol answers for its own layer only: DATA/ZERO/OFFSET_VALID (+map_offset,
+    #     file), or NONE = "not allocated here, ask the backing child". A filter answers with
+    #     its child's complete answer, e.g. ``await self.file.block_status_one(off, len)``.)
     # truncate(length) -> None                              (async)
     #
     # They are looked up with getattr on the instance, so a driver that lacks one simply

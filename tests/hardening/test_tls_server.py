@@ -136,11 +136,9 @@ def test_verify_peer_off_accepts_a_client_without_certificate(
 def test_tls_authz(serve: Serve, creds: Creds, image: Path, allowed: list[str], ok: bool) -> None:
     authz = [arg for name in allowed for arg in ("--tls-authz", name)]
     sock = _tls_server(serve, creds, image, *authz)
-    args = {"sock": str(sock), "certs": str(creds.client), "tls": "require"}
-    if ok:
-        assert libnbd.check(libnbd.CONNECT_TLS + libnbd.READ_WRITE, **args).strip() == "tls"
-    else:
-        assert "refused" in libnbd.check(libnbd.MUST_FAIL, **args)
+    script = libnbd.CONNECT_TLS + libnbd.READ_WRITE if ok else libnbd.MUST_FAIL
+    out = libnbd.check(script, sock=str(sock), certs=str(creds.client), tls="require")
+    assert out.strip() == "tls" if ok else out.startswith("refused")
 
 
 # The TLS gate, byte by byte.

@@ -69,7 +69,8 @@ def nbdcopy_command(row: Row, uri: str, source_file: Path) -> list[str]:
     if row.copy == "to-null":
         return ["nbdcopy", uri, "null:"]
     if row.copy == "from-file":
-        return ["nbdcopy", "--flush", str(source_file), uri]
+        # No --flush: nbdcopy refuses it against exports without flush (a memory export).
+        return ["nbdcopy", str(source_file), uri]
     raise ValueError(f"row {row.key!r} is not an nbdcopy row")
 
 

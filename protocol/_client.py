@@ -69,6 +69,7 @@ class _State(Enum):
     GREETING = "greeting"
     OPTIONS = "options"
     TLS_PENDING = "waiting for tls_established()"
+    ABORTED = "aborted"
     DONE = "done"
     ERROR = "error"
 
@@ -171,6 +172,8 @@ class ClientHandshake:
         state = self._state
         if state is _State.ERROR:
             raise RemoteProtocolError("the handshake already failed")
+        if state is _State.ABORTED:
+            return Closed() if self._buffer.eof else NEED_DATA
         if state is _State.DONE:
             raise LocalProtocolError("the handshake is over")
         try:
@@ -293,7 +296,7 @@ class ClientHandshake:
         elif opt is Opt.STARTTLS:
             self._state = _State.TLS_PENDING
         elif opt is Opt.ABORT:
-            self._state = _State.DONE
+            self._state = _State.ABORTED
         elif opt is Opt.GO:
             return self._go_ready(pending)
         return OptionAck(opt)

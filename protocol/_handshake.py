@@ -424,9 +424,7 @@ class ServerHandshake:
     def _meta_request(self, option: Opt, data: bytes) -> tuple[ExportInfo, list[str]]:
         parsed = self._parse(wire.MetaContextRequest, data, f"{option.name} request")
         export = self._lookup(parsed.name)
-        # Over-long queries can name no context; ignore them, as qemu does.
-        queries = [q for q in parsed.queries if len(q.encode()) <= MAX_STRING]
-        return export, queries
+        return export, list(parsed.queries)
 
     def _opt_list_meta_context(self, data: bytes) -> Rep:
         export, queries = self._meta_request(Opt.LIST_META_CONTEXT, data)
@@ -435,6 +433,9 @@ class ServerHandshake:
         else:
             matches = []
             for query in queries:
+                # Over-long queries can name no context; ignore them, as qemu does.
+                if len(query.encode()) > MAX_STRING:
+                    continue
                 if query.endswith(":"):  # "ns:" lists every context of that namespace
                     matches += [c for c in export.contexts if c.startswith(query)]
                 elif query in export.contexts:

@@ -81,7 +81,13 @@ class HandshakePair:
         self.client_events: list[object] = []
         self.server_ready: Ready | None = None
         self.client_ready: Ready | None = None
+        self.server_done = False
         self._feed_client(self.server.initiate())
+        # Take the greeting now so the client flags lead the client's first bytes.
+        while not self.client_events:
+            ev = self.client.next_event()
+            assert ev is not NEED_DATA
+            self.client_events.append(ev)
 
     def _split(self, data: bytes) -> list[bytes]:
         if not self.chunk:
@@ -108,10 +114,10 @@ class HandshakePair:
                         self.client_ready = ev
                         break
             out = self.client.data_to_send()
-            if out and self.server_ready is None:
+            if out and not self.server_done:
                 for piece in self._split(out):
                     self.server.receive_data(piece)
-            while self.server_ready is None:
+            while not self.server_done:
                 sev = self.server.next_event()
                 reply = self.server.data_to_send()
                 if reply:
@@ -128,8 +134,9 @@ class HandshakePair:
                 if isinstance(sev, Ready):
                     self.server_ready = sev
                 if isinstance(sev, Aborted | Closed | Ready):
-                    break
-                assert isinstance(sev, OptionHandled | StartTLS)
+                    self.server_done = True
+                else:
+                    assert isinstance(sev, OptionHandled | StartTLS)
 
     def client_tls(self) -> None:
         # The client learns of the ACK when it reads it; drain its events first.

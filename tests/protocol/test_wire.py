@@ -139,7 +139,9 @@ FAST = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", FAST, ids=lambda c: c[0].name or "?")
+@pytest.mark.parametrize(
+    "case", FAST, ids=["Request", "ExtendedRequest", "SimpleReply", "ChunkHeader", "ExtendedChunk"]
+)
 @given(data=st.data())
 def test_fast_paths_identical(case: tuple[Any, ...], data: st.DataObject) -> None:
     schema, compiled, fast, magic, names, strategies = case
@@ -192,6 +194,10 @@ def test_compiled_parse_agrees_on_arbitrary_headers(raw: bytes) -> None:
     assert (results[0] is None) == (raw[:4] != REQUEST_MAGIC.to_bytes(4, "big"))
 
 
+BLOCK_STATUS_EXT_COMPILED = wire.BlockStatusExt.compile()
+ERROR_CHUNK_COMPILED = wire.ErrorChunk.compile()
+
+
 @given(
     context_id=u32,
     extents=st.lists(st.tuples(u64, u64), min_size=1, max_size=5),
@@ -204,12 +210,12 @@ def test_variable_payloads_compiled_agree(
     ext = [dict(length=a, flags=b) for a, b in extents]
     obj = dict(context_id=context_id, extents=ext)
     data = wire.BlockStatusExt.build(obj)
-    assert wire.BlockStatusExt.compile().build(obj) == data
-    parsed = wire.BlockStatusExt.compile().parse(data)
+    assert BLOCK_STATUS_EXT_COMPILED.build(obj) == data
+    parsed = BLOCK_STATUS_EXT_COMPILED.parse(data)
     assert [(e.length, e.flags) for e in parsed.extents] == extents
     err = dict(error=error, message=message)
-    assert wire.ErrorChunk.compile().build(err) == wire.ErrorChunk.build(err)
-    assert wire.ErrorChunk.compile().parse(wire.ErrorChunk.build(err)).message == message
+    assert ERROR_CHUNK_COMPILED.build(err) == wire.ErrorChunk.build(err)
+    assert ERROR_CHUNK_COMPILED.parse(wire.ErrorChunk.build(err)).message == message
 
 
 def test_struct_formats_are_big_endian() -> None:

@@ -1,9 +1,9 @@
 """Start and stop an NBD server process (nbdserve or qemu-nbd) for the interop tests.
 
 Both servers take the same qemu-nbd-style flags, so one helper drives either; the environment
-variable ``NBD_SERVER`` picks which. Readiness is read from ``/proc/net/{unix,tcp}`` rather
-than by connecting: a probe connection would count as the first client, and a server started
-without ``-t`` exits when its first client leaves.
+variable ``NBD_SERVER`` picks which. Readiness is observed (the socket file, and
+``/proc/net/{unix,tcp}``) rather than probed by connecting: a probe connection would count as
+the first client, and a server started without ``-t`` exits when its first client leaves.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -78,17 +79,26 @@ def free_tcp_port() -> int:
         return port
 
 
-def unix_socket_listening(path: Path) -> bool:
+def unix_socket_ready(path: Path) -> bool:
+    """True once clients can connect to the socket file at ``path``.
+
+    qemu-nbd binds the path itself, so /proc/net/unix shows it, listening or not yet.
+    nbdserve binds a temporary name and renames it into place once it accepts (so /proc
+    shows the old name): there, the socket file's existence is the signal.
+    """
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
     wanted = str(path)
     with open("/proc/net/unix") as f:
         next(f)  # header
         for line in f:
             fields = line.split()
-            if len(fields) >= 8 and fields[7] == wanted and (
-                int(fields[3], 16) & _UNIX_LISTENING_FLAG
-            ):
-                return True
-    return False
+            if len(fields) >= 8 and fields[7] == wanted:
+                return bool(int(fields[3], 16) & _UNIX_LISTENING_FLAG)
+    return True
 
 
 def tcp_port_listening(port: int) -> bool:
@@ -189,7 +199,7 @@ def start_server(
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         ready = (
-            unix_socket_listening(socket_path)
+            unix_socket_ready(socket_path)
             if socket_path is not None
             else tcp_port_listening(port)  # type: ignore[arg-type]
         )

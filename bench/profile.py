@@ -1,5 +1,6 @@
 """Optional py-spy sampling of nbdserve during a cell, and a plain-text summary of where it went."""
 
+import re
 import shutil
 import signal
 import subprocess
@@ -7,6 +8,8 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+_LINE = re.compile(r":\d+\)$")
 
 
 class ProfilerError(RuntimeError):
@@ -52,7 +55,8 @@ def summarise_stacks(collapsed: str, top: int = 25) -> str:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = stack.split(";")
+        # Per function, not per line: "send (t.py:92)" and "send (t.py:101)" are one frame.
+        frames = [_LINE.sub(")", frame) for frame in stack.split(";")]
         total += count
         own[frames[-1]] += count
         for frame in set(frames):

@@ -219,13 +219,14 @@ def test_profile_summary_self_and_inclusive_shares() -> None:
     collapsed = "\n".join(
         [
             "main (s.py:1);serve (s.py:5);parse (p.py:9) 30",
-            "main (s.py:1);serve (s.py:5);send (t.py:2) 60",
+            "main (s.py:1);serve (s.py:5);send (t.py:2) 40",
+            "main (s.py:1);serve (s.py:5);send (t.py:7) 20",
             "main (s.py:1);serve (s.py:5) 10",
             "garbage line",
         ]
     )
     text = summarise_stacks(collapsed)
     assert text.startswith("100 samples")
-    assert "  60.0  send (t.py:2)" in text
-    assert " 100.0  serve (s.py:5)" in text  # inclusive: every sample passes through serve
+    assert "  60.0  send (t.py)" in text  # both lines of send count as one function
+    assert " 100.0  serve (s.py)" in text  # inclusive: every sample passes through serve
     assert summarise_stacks("") == "no samples\n"

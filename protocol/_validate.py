@@ -29,7 +29,7 @@ _RANGED = frozenset(
 )
 
 
-def allowed_flags(session: Session) -> dict[int, CmdFlag]:
+def allowed_flags(session: Session) -> dict[int, int]:
     """For each command, the flags it may carry in this session.
 
     FUA is legal on every command once SEND_FUA was advertised (clients do send it on
@@ -45,7 +45,8 @@ def allowed_flags(session: Session) -> dict[int, CmdFlag]:
     table[Cmd.WRITE] |= payload
     table[Cmd.WRITE_ZEROES] |= CmdFlag.NO_HOLE | fast
     table[Cmd.BLOCK_STATUS] |= CmdFlag.REQ_ONE
-    return {int(cmd): value for cmd, value in table.items()}
+    # Plain ints: ``~`` on an IntFlag would only complement the known bits.
+    return {int(cmd): int(value) for cmd, value in table.items()}
 
 
 def flag_error(cmd: Cmd, bad: int) -> str:
@@ -58,7 +59,7 @@ def flag_error(cmd: Cmd, bad: int) -> str:
 
 def validate(
     session: Session,
-    allowed: dict[int, CmdFlag],
+    allowed: dict[int, int],
     cmd: Cmd,
     flags: int,
     offset: int,

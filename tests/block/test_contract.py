@@ -5,6 +5,7 @@ discard, flush, block status, capabilities and statistics."""
 from __future__ import annotations
 
 import errno
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -153,7 +154,7 @@ async def test_block_status_covers_the_range(config: Config, rw: Child) -> None:
         assert sum(e.length for e in extents) == length
         assert bool(extents[-1].status & Status.EOF) == (offset + length == SIZE)
         assert not any(e.status & Status.EOF for e in extents[:-1])
-        for a, b in zip(extents, extents[1:], strict=False):
+        for a, b in itertools.pairwise(extents):
             assert (a.status | Status.EOF) != (b.status | Status.EOF) or (
                 a.status & Status.OFFSET_VALID
             )

@@ -145,8 +145,8 @@ class BlkdebugDriver(Driver):
         if op != "flush" and op != "block-status":
             self._assert_aligned(op, offset, length)
         for rule in self.delays:
-            if rule.matches(op, offset, length) and rule.delay:
-                await trio.sleep(rule.delay)
+            if rule.matches(op, offset, length):
+                await trio.sleep(rule.delay)  # ms=0 still yields: requests interleave
         self._check(op, offset, length)
 
     def _assert_aligned(self, op: str, offset: int, length: int) -> None:

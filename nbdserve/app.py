@@ -27,7 +27,7 @@ from .transport import stdio_transport
 def main(config: ServerConfig, *, warnings: Sequence[str] = ()) -> int:
     """Run the server to completion; the process exit status."""
     try:
-        return trio.run(serve_config, config, warnings)
+        return int(trio.run(serve_config, config, warnings))
     except (ConfigError, GraphError) as e:
         print(f"nbdserve: {e}", file=sys.stderr)
         return 1

@@ -37,7 +37,7 @@ async def run_captive(command: str, listener: Listener, config: ServerConfig) ->
     export_name = config.exports[0].name if config.exports else ""
     proc = await trio.run_process(["/bin/sh", "-c", command], check=False, stdin=None,
                                   env=captive_environment(listener, export_name))
-    code = proc.returncode
+    code = int(proc.returncode)
     if code < 0:
         return 128 + (-code)
     return code

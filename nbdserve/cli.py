@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import __version__
@@ -42,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
-def _typed(convert: type[int] | type[float], what: str) -> object:
+def _typed(convert: type[int] | type[float], what: str) -> Callable[[str], int | float]:
     def parse(text: str) -> int | float:
         try:
             value = convert(text)

@@ -40,8 +40,7 @@ from protocol import (
     TLSMode,
 )
 
-from .block import ReqFlags
-from .commands import HANDLERS, CommandContext, wants_sparse_read
+from .commands import HANDLERS, SPARSE_READ_MIN, CommandContext
 from .errors import nbd_errno
 from .exports import MAX_PAYLOAD, Catalogue, Export
 from .log import get_logger
@@ -56,6 +55,8 @@ RECV_SIZE = 256 * 1024
 SEND_BATCH_BYTES = 4 << 20
 
 _ids = itertools.count(1)
+_READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
+_FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
 
 
 class Connection:
@@ -257,35 +258,38 @@ class Connection:
     def _serve_now(self, request: Request, out: list[Buffer]) -> int:
         """Answer ``request`` at once if the block layer can without waiting, appending the
         reply to ``out``. Returns the bytes appended, or -1 if it needs a task."""
+        # Plain ints from here on: IntFlag/IntEnum operators run Python code, and this is
+        # the per-request path.
         stats = self.stats
-        cmd = request.cmd
-        stats.requests[cmd] = stats.requests.get(cmd, 0) + 1
         if request.error is not None:
+            stats.count_other(request.cmd)
             stats.errors += 1
             reply = self._tx.reply(request)
             out.append(reply)
             if self._debug:
-                self._log.debug("request refused", cmd=str(cmd), offset=request.offset,
+                self._log.debug("request refused", cmd=str(request.cmd), offset=request.offset,
                                 length=request.length, error=request.error.name,
                                 message=request.message)
             return len(reply)
+        cmd = int(request.cmd)
+        stats.counts[cmd] += 1
+        flags = int(request.flags)
         ctx = self._ctx
         try:
-            if cmd is Cmd.READ:
-                if not request.flags & CmdFlag.FUA and not wants_sparse_read(ctx, request):
+            if cmd == _READ:
+                if not flags & _FUA and (request.length < SPARSE_READ_MIN or flags & _DF
+                                         or not ctx.structured):
                     data = ctx.child.read_nowait(request.offset, request.length)
                     if data is not None:
                         stats.bytes_read += request.length
                         out.extend(self._tx.reply_read(request, data))
                         return request.length
-            elif cmd is Cmd.WRITE:
-                flags = ctx.write_flags(request)
-                if flags is ReqFlags.NONE and ctx.child.write_nowait(
-                        request.offset, request.data, flags):  # type: ignore[arg-type]
-                    stats.bytes_written += request.length
-                    reply = self._tx.reply(request)
-                    out.append(reply)
-                    return len(reply)
+            elif (cmd == _WRITE and not flags & _FUA and not ctx.writethrough
+                  and ctx.child.write_nowait(request.offset, request.data)):  # type: ignore[arg-type]
+                stats.bytes_written += request.length
+                reply = self._tx.reply(request)
+                out.append(reply)
+                return len(reply)
         except OSError as e:
             reply = self._error_reply(request, e)
             out.append(reply)

@@ -43,10 +43,9 @@ def describe(spec: ExportSpec, child: Child, *, multi_conn_allowed: bool) -> Exp
     writable = spec.writable and not caps.read_only
     if not writable:
         flags |= TransmissionFlag.READ_ONLY
-    if caps.can_flush:
-        flags |= TransmissionFlag.SEND_FLUSH
-    if caps.can_flush or caps.native_fua:
-        flags |= TransmissionFlag.SEND_FUA
+    # FLUSH and FUA are always honoured: a node without a volatile cache (memory, null) has
+    # nothing to flush, so both succeed at once and are still true to their meaning.
+    flags |= TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
     if writable:
         if caps.can_discard:
             flags |= TransmissionFlag.SEND_TRIM

@@ -35,7 +35,7 @@ class Listener:
 def _describe(sock: socket.socket) -> tuple[str, str]:
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
-        return "unix", name if isinstance(name, str) else repr(name)
+        return "unix", name if isinstance(name, str) else name.decode(errors="replace")
     host, port = name[0], name[1]
     return "tcp", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -56,7 +56,7 @@ def open_tcp(host: str | None, port: int) -> list[Listener]:
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
     listeners: list[Listener] = []
     errors: list[str] = []
-    seen: set[tuple[int, str]] = set()
+    seen: set[tuple[int, object]] = set()
     for family, type_, proto, _, addr in infos:
         if (family, addr[0]) in seen:
             continue
@@ -72,7 +72,7 @@ def open_tcp(host: str | None, port: int) -> list[Listener]:
             sock.listen(_BACKLOG)
         except OSError as e:
             sock.close()
-            errors.append(f"{addr[0]} port {addr[1]}: {e.strerror}")
+            errors.append(f"{addr[0]!s} port {addr[1]!s}: {e.strerror}")
             continue
         sock.setblocking(False)
         kind, address = _describe(sock)

@@ -29,4 +29,4 @@ def parse_size(text: str, *, what: str = "size") -> int:
         value = int(number) * scale
     if value >= 1 << 63:
         raise ConfigError(f"invalid {what} {text!r}: too large")
-    return value
+    return int(value)

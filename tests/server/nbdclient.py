@@ -18,15 +18,17 @@ from protocol import (
     CmdFlag,
     ErrorReply,
     Info,
-    MetaContext,
     OptionError,
     ReadData,
     ReadHole,
     Ready,
     ReplyDone,
     Request,
+    ServerGreeting,
     Session,
 )
+
+NO_FLAGS = CmdFlag(0)
 
 
 @dataclass
@@ -88,6 +90,14 @@ class NBDClient:
                         extended: bool = False, contexts: Iterable[str] = (),
                         block_size: bool = True, export_name: bool = False) -> NBDClient:
         hs = ClientHandshake()
+        while True:  # options may only follow the client flags, sent after the greeting
+            event = hs.next_event()
+            if event is NEED_DATA:
+                hs.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, ServerGreeting):
+                break
+            else:
+                raise ConnectionError(f"unexpected {event!r} before the greeting")
         if extended:
             hs.extended_headers()
         elif structured:
@@ -117,7 +127,7 @@ class NBDClient:
             seen.append(event)
 
     async def send(self, cmd: Cmd, offset: int = 0, length: int = 0,
-                   flags: CmdFlag = CmdFlag(0), data: bytes | None = None) -> int:
+                   flags: CmdFlag = NO_FLAGS, data: bytes | None = None) -> int:
         cookie = self.tx.new_cookie()
         if data is not None:
             length = len(data)
@@ -153,15 +163,15 @@ class NBDClient:
             reply.chunks.append(event)
 
     async def request(self, cmd: Cmd, offset: int = 0, length: int = 0,
-                      flags: CmdFlag = CmdFlag(0), data: bytes | None = None) -> Reply:
+                      flags: CmdFlag = NO_FLAGS, data: bytes | None = None) -> Reply:
         return await self.wait(await self.send(cmd, offset, length, flags, data))
 
-    async def read(self, offset: int, length: int, flags: CmdFlag = CmdFlag(0)) -> bytes:
+    async def read(self, offset: int, length: int, flags: CmdFlag = NO_FLAGS) -> bytes:
         reply = await self.request(Cmd.READ, offset, length, flags)
         assert reply.error == 0, (reply.error, reply.messages)
         return reply.data()
 
-    async def write(self, offset: int, data: bytes, flags: CmdFlag = CmdFlag(0)) -> None:
+    async def write(self, offset: int, data: bytes, flags: CmdFlag = NO_FLAGS) -> None:
         reply = await self.request(Cmd.WRITE, offset, flags=flags, data=data)
         assert reply.error == 0, (reply.error, reply.messages)
 
@@ -174,5 +184,5 @@ class NBDClient:
 
     async def eof(self) -> bool:
         """True once the server has closed its side."""
-        data = await self.stream.receive_some(65536)
+        data: bytes = await self.stream.receive_some(65536)
         return data == b""

@@ -41,13 +41,17 @@ def test_sigterm_with_client_connected_exits_cleanly(serve: ServeFactory, image:
     server = serve("-f", "raw", str(image))
     client = subprocess.Popen(  # holds a connection open: qemu-io waits for commands on stdin
         ["qemu-io", "-f", "raw", server.uri()], stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=subprocess_env())
     try:
-        assert client.stdin is not None
+        assert client.stdin is not None and client.stdout is not None
         client.stdin.write(b"write -P 0x3c 0 4k\n")
         client.stdin.flush()
-        # Wait until the write has reached the server: a second client reads it back.
-        qemu_io(server, "read -P 0x3c 0 4k")
+        # qemu-io prints "wrote ..." once the server has acknowledged the write.
+        seen = b""
+        while b"wrote 4096/4096" not in seen:
+            line = client.stdout.readline()
+            assert line, f"qemu-io ended early: {seen!r}\n{server.describe()}"
+            seen += line
         server.stop()  # asserts exit status 0 within the stop timeout
     finally:
         client.kill()

@@ -4,6 +4,7 @@ serve until told to stop, then flush and close everything."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import trio
 
-from .block import GraphError, open_graph
+from .block import Graph, GraphError, open_graph
 from .captive import run_captive
 from .config import ServerConfig
 from .errors import ConfigError
@@ -117,5 +118,15 @@ async def serve_config(config: ServerConfig, warnings: Sequence[str] = ()) -> in
         log.info("stopped")
 
 
-async def _add_snapshot_overlays(graph: object, config: ServerConfig) -> None:
-    raise ConfigError("-s/--snapshot needs the qcow2 overlay helper, which is not available yet")
+async def _add_snapshot_overlays(graph: Graph, config: ServerConfig) -> None:
+    """qemu-nbd -s: export a temporary qcow2 overlay instead of each node, so the image is
+    only ever read (the overlay file is already unlinked: nothing is left behind)."""
+    from .block.qcow2 import add_snapshot_overlay
+
+    overlays: dict[str, str] = {}
+    for spec in config.exports:
+        if spec.node_name not in overlays:
+            node = await add_snapshot_overlay(graph, spec.node_name)
+            overlays[spec.node_name] = node.name
+    config.exports = [dataclasses.replace(spec, node_name=overlays[spec.node_name])
+                      for spec in config.exports]

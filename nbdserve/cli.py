@@ -162,8 +162,9 @@ def config_from_args(ns: argparse.Namespace) -> tuple[ServerConfig, list[str]]:
         persistent = True
         max_connections = 0
     else:
+        # With -s the image itself is only read: writes go to a temporary overlay.
         image = image_options(ns.file, fmt=ns.format, image_opts=ns.image_opts,
-                              read_only=ns.read_only, discard=ns.discard,
+                              read_only=ns.read_only or ns.snapshot, discard=ns.discard,
                               detect_zeroes=ns.detect_zeroes, cache=ns.cache, aio=ns.aio)
         if image.warning:
             warnings.append(image.warning)

@@ -127,3 +127,19 @@ def test_log_format(fmt: str) -> None:
         assert json.loads(first)["event"] == "listening"
     else:
         assert "listening" in first and not first.startswith("{")
+
+
+def test_snapshot_mode_never_modifies_the_image(tmp_path: Path) -> None:
+    image = tmp_path / "base.raw"
+    original = b"\x42" * 65536 + bytes(3 * 65536)
+    image.write_bytes(original)
+    proc = run("-s", "-A", "-f", "raw", "--run",
+               'qemu-io -f raw -c "write -P 0x77 65536 64k" -c "read -P 0x77 65536 64k" '
+               '-c "read -P 0x42 0 64k" "$uri" && nbdinfo --map=qemu:allocation-depth "$uri"',
+               str(image))
+    assert proc.returncode == 0, proc.stderr
+    assert image.read_bytes() == original
+    depth = [line.split()[:3] for line in proc.stdout.splitlines() if "read" not in line
+             and "wrote" not in line and "ops" not in line]
+    # The write landed in the overlay (depth 1); the rest is read from the image (depth 2).
+    assert ["65536", "65536", "1"] in depth and ["0", "65536", "2"] in depth

@@ -291,18 +291,21 @@ class Graph:
                 targets[edge] = target
         result = plan(self._nodes.values(), targets)
         checked: list[Node] = []
-        try:
-            for node in result.order:
-                new = result.node_perms[node]
-                if node.opened and new != (node.perm, node.shared):
+        for node in result.order:
+            new = result.node_perms[node]
+            if node.opened and new != (node.perm, node.shared):
+                try:
                     node.driver.check_perm(*new)
-                    checked.append(node)
-        except (OSError, GraphError) as exc:
-            for node in checked:
-                node.driver.abort_perm()
-            if isinstance(exc, GraphError):
-                raise
-            raise GraphError.at(node.name, None, f"cannot take permissions: {exc}") from exc
+                except (OSError, GraphError) as exc:
+                    # The refusing driver took nothing; the ones before it undo theirs.
+                    for done in checked:
+                        done.driver.abort_perm()
+                    if isinstance(exc, GraphError):
+                        raise
+                    raise GraphError.at(
+                        node.name, None, f"cannot take permissions: {exc}"
+                    ) from exc
+                checked.append(node)
         # Commit: nothing below can fail.
         for edge, target in changes.items():
             if edge in edge.node.parents:

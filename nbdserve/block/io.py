@@ -433,7 +433,9 @@ class Child:
         self, offset: int, length: int, *, max_extents: int = _STATUS_RESULT_LIMIT
     ) -> list[Extent]:
         """The status of ``offset..offset+length`` over the whole backing chain, as merged
-        extents (equal flags, contiguous mapping); never past EOF; at least one extent."""
+        extents (equal flags, contiguous mapping); never past EOF; at least one extent.
+        An extent's ``depth`` is that of its first byte: use :meth:`allocation_depth` for
+        depths."""
         from .status import block_status
 
         node = self.node

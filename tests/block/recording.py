@@ -3,11 +3,12 @@ what the generic request path hands to drivers. Registered in tests through ``re
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 import pytest
 
-from nbdserve.block import Limits, Opt, ReqFlags
+from nbdserve.block import ChildSpec, Limits, Opt, Perm, ReqFlags, Role
 from nbdserve.block.drivers import DRIVERS
 from nbdserve.block.drivers.memory import MemoryDriver
 from nbdserve.block.types import Buffer
@@ -62,8 +63,6 @@ class RecordingDriver(MemoryDriver):
     async def zero(self, offset: int, length: int, flags: ReqFlags) -> None:
         self.calls.append(("zero", offset, length, flags))
         if self.opts["zero-enotsup"]:
-            import errno
-
             raise OSError(errno.ENOTSUP, "no")
         await super().zero(offset, length, flags)
 
@@ -77,3 +76,43 @@ class RecordingDriver(MemoryDriver):
 
 def register(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(DRIVERS, "recording", "tests.block.recording:RecordingDriver")
+
+
+class PickyDriver(MemoryDriver):
+    """Refuses write permission in ``check_perm`` when ``refuse-write`` is set; logs the
+    permission protocol."""
+
+    name = "picky"
+    options: ClassVar[dict[str, Opt]] = {
+        **MemoryDriver.options,
+        "refuse-write": Opt(bool, False),
+    }
+    # An optional child that simply receives this node's permissions.
+    children: ClassVar[dict[str, ChildSpec]] = {
+        **MemoryDriver.children,
+        "file": ChildSpec(Role.FILE, required=False),
+    }
+
+    def child_perms(
+        self, child: str, role: Role, perm: Perm, shared: Perm
+    ) -> tuple[Perm, Perm] | None:
+        return (perm, shared) if child == "file" else None
+
+    def __init__(self, node: Any, opts: Any) -> None:
+        super().__init__(node, opts)
+        self.log: list[str] = []
+
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        self.log.append(f"check {perm.value}")
+        if self.opts["refuse-write"] and perm & Perm.WRITE:
+            raise OSError(errno.EBUSY, "image is locked by another process")
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        self.log.append(f"set {perm.value}")
+
+    def abort_perm(self) -> None:
+        self.log.append("abort")
+
+
+def register_picky(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(DRIVERS, "picky", "tests.block.recording:PickyDriver")

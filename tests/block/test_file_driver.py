@@ -187,19 +187,24 @@ async def test_read_of_a_file_that_shrank_reads_zeros_past_the_end(
     assert drv.read_nowait(4096, 8192) is None  # short: read() must finish it
 
 
-async def test_read_buffers_are_recycled_only_once_dropped(drv: FileDriver, img: Path) -> None:
+async def test_read_buffers_are_page_aligned_and_recycled_once_dropped(
+    drv: FileDriver, img: Path
+) -> None:
     expected = img.read_bytes()[:4096]
     first = drv.read_nowait(0, 4096)
     second = drv.read_nowait(0, 4096)
-    assert first is not None and second is not None and first is not second
-    second_id = id(second)
+    assert isinstance(first, memoryview) and isinstance(second, memoryview)
+    assert first.obj is not second.obj
+    assert address(first) % mmap.PAGESIZE == 0
+    second_id = id(second.obj)
     del second  # the caller is done with it: the pool may hand it out again
     third = drv.read_nowait(0, 4096)
-    assert third is not None and id(third) == second_id
-    view = memoryview(third)[100:200]  # a view, even of a slice, keeps it busy
+    assert isinstance(third, memoryview) and id(third.obj) == second_id
+    view = third[100:200]  # a view, even of a slice, keeps it busy
     del third
     fourth = drv.read_nowait(0, 4096)
-    assert fourth is not None and fourth is not first and id(fourth) != second_id
+    assert isinstance(fourth, memoryview)
+    assert fourth.obj is not first.obj and id(fourth.obj) != second_id
     assert bytes(view) == expected[100:200]  # untouched by the later reads
     assert bytes(first) == bytes(fourth) == expected
 

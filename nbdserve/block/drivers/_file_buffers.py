@@ -1,62 +1,87 @@
-"""Recycled read buffers, so a read does not pay for a fresh zero-filled allocation.
+"""Recycled, page-aligned read buffers.
 
-Ownership rule: a read hands its buffer to the caller, who may keep it as long as it likes
-(the server sends it after the call returns, then drops it). The pool reuses a buffer only
-when its own list holds the *only* reference: CPython's reference count tells us exactly
-that. Any view of the buffer (a ``memoryview``, a slice of one, a socket send in progress)
-references the buffer object, so a buffer somebody can still see is never handed out twice.
+Why aligned: the kernel copies page-cache data into the caller's buffer with ``rep movsb``,
+which slows down up to tenfold when the destination sits just past a 4 KiB boundary relative
+to the page-aligned source (4K aliasing). A ``bytearray`` from malloc starts 16 bytes into a
+page, exactly the bad case: a 1 MiB ``preadv`` into one took ~450 µs here, into a page-aligned
+buffer ~40 µs. O_DIRECT needs aligned memory anyway.
 
-The pool is bounded: per size at most ``per_size`` buffers, at most ``max_bytes`` in all,
-and no buffer larger than ``max_size``; anything beyond is allocated and forgotten as usual.
+Why recycled: an aligned buffer comes from ``mmap`` (~13 µs), and a fresh large buffer pays
+a page fault per page on first touch. Reusing buffers makes both free.
+
+Ownership rule: ``take`` hands out a fresh ``memoryview`` of a pooled ``mmap``; the caller
+owns it as long as it (or anything derived from it: slices, a socket send in progress) is
+alive. Every view of the ``mmap`` keeps a reference to it, so the pool reuses a buffer only
+when CPython's reference count says the pool's own references are the only ones left.
+
+The pool is bounded: at most ``per_size`` buffers of one size, ``max_bytes`` in all, none
+larger than ``max_size``. Beyond that ``take`` allocates a buffer that is not kept.
 """
 
 from __future__ import annotations
 
+import mmap
 import sys
-from collections.abc import Callable
-from typing import Generic, TypeVar
-
-B = TypeVar("B")
+from collections import deque
 
 _getrefcount = sys.getrefcount
-#: References of a free buffer seen from inside ``take``'s loop: the pool's list, the loop
-#: variable and getrefcount's own argument.
+#: References of a free buffer inside ``take``: the pool's deque, the local variable and
+#: getrefcount's own argument.
 _FREE = 3
+#: How many pooled buffers ``take`` inspects before it allocates another one.
+_PROBES = 4
+#: Unpooled buffers smaller than this need no alignment to be fast (see the module doc).
+_SMALL = 64 << 10
 
 
-class BufferPool(Generic[B]):
+def aligned(length: int) -> mmap.mmap:
+    """A zero-filled, page-aligned buffer of ``length`` > 0 bytes."""
+    return mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+class BufferPool:
     def __init__(
         self,
-        make: Callable[[int], B],
         *,
+        must_align: bool = False,
         max_bytes: int = 16 << 20,
-        per_size: int = 8,
+        per_size: int = 32,
         max_size: int = 4 << 20,
     ) -> None:
-        self._make = make
-        self._free: dict[int, list[B]] = {}
-        self._bytes = 0
+        #: O_DIRECT: even a buffer outside the pool must be aligned.
+        self.must_align = must_align
         self.max_bytes = max_bytes
         self.per_size = per_size
         self.max_size = max_size
+        self._free: dict[int, deque[mmap.mmap]] = {}
+        self._bytes = 0
 
     @property
     def pooled_bytes(self) -> int:
         return self._bytes
 
-    def take(self, length: int) -> B:
-        """A buffer of ``length`` bytes with unspecified contents, now owned by the caller."""
-        bufs = self._free.get(length)
-        if bufs is not None:
-            for buf in bufs:
+    def take(self, length: int) -> memoryview:
+        """A writable buffer of ``length`` bytes with unspecified contents."""
+        ring = self._free.get(length)
+        if ring is not None:
+            # Requests mostly finish in order, so the oldest buffer is the likeliest free one.
+            for _ in range(min(len(ring), _PROBES)):
+                buf = ring[0]
                 if _getrefcount(buf) == _FREE:
-                    return buf
-            if len(bufs) >= self.per_size:
-                return self._make(length)
-        elif length > self.max_size:
-            return self._make(length)
-        buf = self._make(length)
-        if self._bytes + length <= self.max_bytes:
-            self._free.setdefault(length, []).append(buf)
-            self._bytes += length
-        return buf
+                    return memoryview(buf)
+                ring.rotate(-1)
+            if len(ring) >= self.per_size:
+                return self._unpooled(length)
+        elif length > self.max_size or length <= 0:
+            return self._unpooled(length)
+        if self._bytes + length > self.max_bytes:
+            return self._unpooled(length)
+        buf = aligned(length)
+        self._free.setdefault(length, deque()).append(buf)
+        self._bytes += length
+        return memoryview(buf)
+
+    def _unpooled(self, length: int) -> memoryview:
+        if length >= _SMALL or (self.must_align and length > 0):
+            return memoryview(aligned(length))
+        return memoryview(bytearray(length))

@@ -1,7 +1,7 @@
 """Linux system calls the ``file`` driver needs and :mod:`os` does not offer.
 
-``fallocate(2)`` with its mode bits (``os`` has only ``posix_fallocate``), the block-device
-ioctls, and page-aligned buffers for ``O_DIRECT``. Each wrapper raises ``OSError`` with the
+``fallocate(2)`` with its mode bits (``os`` has only ``posix_fallocate``) and the
+block-device ioctls. Each wrapper raises ``OSError`` with the
 errno the kernel gave, like the functions of :mod:`os`.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import mmap
 import os
 import struct
 
@@ -51,7 +50,3 @@ def block_device_discard(fd: int, offset: int, length: int) -> None:
     """``BLKDISCARD``: unmap a range of a block device (contents afterwards unspecified)."""
     fcntl.ioctl(fd, BLKDISCARD, struct.pack("QQ", offset, length))
 
-
-def aligned_buffer(length: int) -> mmap.mmap:
-    """A zero-filled, page-aligned buffer of ``length`` > 0 bytes: what O_DIRECT needs."""
-    return mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

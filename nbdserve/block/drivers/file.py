@@ -17,8 +17,9 @@ every write goes through the thread pool (the driver notices once and stops tryi
 ``cache.direct=on`` (O_DIRECT) nothing waits in the event loop: a direct transfer always
 goes to the disk, so all of it runs in the thread pool.
 
-**Buffers.** Reads return a recycled ``bytearray`` (page-aligned memory with O_DIRECT) that
-belongs to the caller until the caller drops every reference; see ``_file_buffers.py``.
+**Buffers.** Reads return a ``memoryview`` of a recycled, page-aligned buffer that belongs to
+the caller until the caller drops every reference to it; see ``_file_buffers.py`` for why
+(aligned copies out of the page cache are up to ten times faster) and for the ownership rule.
 
 **FUA** is native: ``RWF_DSYNC`` on the write. **Flush** is ``fdatasync``; after one failed
 flush every later one fails too, as in QEMU, because the kernel may already have dropped the
@@ -64,7 +65,7 @@ from ..driver import Driver, Opt
 from ..errors import GraphError
 from ..types import Buffer, Extent, Limits, Perm, ReqFlags, Status
 from . import _file_sys as sys_
-from ._file_buffers import BufferPool
+from ._file_buffers import BufferPool, aligned
 from ._file_lock import ImageLock, ImageLockedError, ofd_locks_supported
 
 if TYPE_CHECKING:
@@ -120,8 +121,7 @@ class FileDriver(Driver):
         self.lock: ImageLock | None = None
         self._size = 0
         self._align = 1
-        self._pool: BufferPool[bytearray] = BufferPool(bytearray)
-        self._direct_pool: BufferPool[mmap.mmap] = BufferPool(sys_.aligned_buffer)
+        self._pool = BufferPool()
         self._nowait_writes = True
         self._can_punch = False
         self._can_zero_range = False
@@ -133,6 +133,7 @@ class FileDriver(Driver):
         node = self.node
         self.read_only = node.read_only
         self.direct = node.cache_direct
+        self._pool = BufferPool(must_align=self.direct)
         fd = self._open_fd()
         self.fd = fd
         try:
@@ -219,8 +220,7 @@ class FileDriver(Driver):
             except OSError:
                 pass  # fall back to trial reads
         page = mmap.PAGESIZE
-        buf = sys_.aligned_buffer(max(page, _PROBE_SIZES[-1]))
-        with memoryview(buf) as view:
+        with memoryview(aligned(max(page, _PROBE_SIZES[-1]))) as view:
             for size in _PROBE_SIZES:
                 try:
                     os.preadv(self.fd, [view[:size]], 0)
@@ -278,34 +278,21 @@ class FileDriver(Driver):
         return None
 
     async def read(self, offset: int, length: int) -> Buffer:
-        if self.direct:
-            abuf = self._direct_pool.take(length)
-            view = memoryview(abuf)
-            await threads.run_sync(self._pread_direct, view, offset)
-            return view
         buf = self._pool.take(length)
         await threads.run_sync(self._pread, buf, offset)
         return buf
 
-    def _pread(self, buf: bytearray, offset: int) -> None:
+    def _pread(self, buf: memoryview, offset: int) -> None:
         length = len(buf)
         done = _preadv(self.fd, [buf], offset)
-        if done == length:
-            return
-        with memoryview(buf) as view:
-            while done < length:
-                n = _preadv(self.fd, [view[done:]], offset + done)
-                if n == 0:  # end of file: the file shrank under us; it reads as zeros
-                    view[done:] = bytes(length - done)
-                    return
-                done += n
-
-    def _pread_direct(self, view: memoryview, offset: int) -> None:
-        done = _preadv(self.fd, [view], offset)
-        if done < len(view):
-            # A short direct read only happens at the end of the file; another read would
-            # start misaligned, so zero-fill the rest.
-            view[done:] = bytes(len(view) - done)
+        while done < length:
+            # Short reads happen only at the end of the file (it shrank under us). With
+            # O_DIRECT another read would start misaligned: stop at once.
+            n = 0 if self.direct else _preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:  # past the end, a file reads as zeros
+                buf[done:] = bytes(length - done)
+                return
+            done += n
 
     # -- writes -----------------------------------------------------------------------------
     def write_nowait(self, offset: int, data: Buffer, flags: ReqFlags) -> bool:
@@ -326,8 +313,8 @@ class FileDriver(Driver):
     async def write(self, offset: int, data: Buffer, flags: ReqFlags) -> None:
         rwf = _RWF_DSYNC if flags & _FUA else 0
         if self.direct:
-            abuf = self._direct_pool.take(len(data))
-            await threads.run_sync(self._pwrite_direct, abuf, data, offset, rwf)
+            bounce = self._pool.take(len(data))
+            await threads.run_sync(self._pwrite_direct, bounce, data, offset, rwf)
         else:
             await threads.run_sync(self._pwrite, data, offset, rwf)
 
@@ -339,13 +326,12 @@ class FileDriver(Driver):
                 while done < length:
                     done += _pwritev(self.fd, [view[done:]], offset + done, rwf)
 
-    def _pwrite_direct(self, abuf: mmap.mmap, data: Buffer, offset: int, rwf: int) -> None:
+    def _pwrite_direct(self, bounce: memoryview, data: Buffer, offset: int, rwf: int) -> None:
         length = len(data)
-        with memoryview(abuf) as view:
-            view[:] = data  # O_DIRECT needs aligned memory: copy into a page-aligned buffer
-            done = 0
-            while done < length:
-                done += _pwritev(self.fd, [view[done:]], offset + done, rwf)
+        bounce[:] = data  # O_DIRECT needs aligned memory: copy into a page-aligned buffer
+        done = 0
+        while done < length:
+            done += _pwritev(self.fd, [bounce[done:]], offset + done, rwf)
         if offset + length > self._size:
             # The generic layer padded the last partial block of the image; don't let the
             # padding grow the file.

@@ -159,6 +159,11 @@ class ServerHandshake:
         self._state = _State.CLIENT_FLAGS
         return wire.build(wire.Greeting, {"flags": SERVER_HANDSHAKE_FLAGS})
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into events (at most one option's worth)."""
+        return len(self._buffer)
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer bytes from the client; ``b""`` means EOF."""
         if self._state is _State.TLS_PENDING:

@@ -141,7 +141,8 @@ class MemoryDriver(Driver):
         if off + length <= PAGE_SIZE:
             page = self._pages.get(offset >> PAGE_SHIFT)
             if page is not None:
-                page[off : off + length] = data
+                # Through a memoryview: bytearray slice assignment copies non-bytearrays twice.
+                memoryview(page)[off : off + length] = data
                 return True
         copies = {}
         for idx in self._copy_up_pages(offset, length):
@@ -188,7 +189,7 @@ class MemoryDriver(Driver):
                 page = bytearray(base) if base is not None else bytearray(PAGE_SIZE)
                 pages[idx] = page
                 self._zeroed.discard(idx)
-            page[off : off + n] = view[pos : pos + n]
+            memoryview(page)[off : off + n] = view[pos : pos + n]
             pos += n
 
     # -- zero and discard -----------------------------------------------------------------
@@ -218,7 +219,7 @@ class MemoryDriver(Driver):
             elif overlay and keep_hidden:
                 await self.write(pos, zeros(n), ReqFlags.NONE)
             elif (page := self._pages.get(idx)) is not None:
-                page[off : off + n] = zeros(n)
+                memoryview(page)[off : off + n] = zeros(n)
             pos += n
 
     # -- status and size ------------------------------------------------------------------

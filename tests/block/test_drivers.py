@@ -1,0 +1,237 @@
+"""Behaviour specific to the memory, null, raw and blkdebug drivers (the shared contract is
+in test_contract.py)."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+import trio
+
+from nbdserve.block import GraphError, Perm, ReqFlags, Status, open_graph
+from nbdserve.block.drivers.blkdebug import BlkdebugDriver
+from nbdserve.block.drivers.memory import PAGE_SIZE, MemoryDriver
+
+RW = Perm.CONSISTENT_READ | Perm.WRITE
+M = 1 << 20
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+async def test_memory_is_sparse_and_discard_frees() -> None:
+    graph = await open_graph(["driver=memory,node-name=m,size=1G,discard=unmap"])
+    child = graph.attach("m", perm=RW)
+    drv = graph.node("m").driver
+    assert isinstance(drv, MemoryDriver)
+    assert drv.allocated_bytes == 0
+    await child.write(5 * M, b"x" * (3 * PAGE_SIZE))
+    assert drv.allocated_bytes == 3 * PAGE_SIZE
+    await child.discard(5 * M, 2 * PAGE_SIZE + 100)
+    assert drv.allocated_bytes == PAGE_SIZE
+    assert bytes(await child.read(5 * M, 2 * PAGE_SIZE)) == bytes(2 * PAGE_SIZE)
+    await child.zero(5 * M, 3 * PAGE_SIZE, ReqFlags.MAY_UNMAP)
+    assert drv.allocated_bytes == 0
+    [ext] = await child.block_status(0, 1 << 30)
+    assert ext.status == Status.ZERO | Status.EOF
+    await graph.close()
+
+
+async def test_memory_overlay_copy_on_write() -> None:
+    graph = await open_graph(
+        [
+            "driver=memory,node-name=base,size=1M",
+            "driver=memory,node-name=top,backing=base,discard=unmap",
+        ]
+    )
+    base = graph.attach("base", perm=RW, user="base writer")
+    await base.write(0, b"B" * M)
+    top = graph.attach("top", perm=RW)
+    assert top.size == M  # size taken from the backing node
+    await top.write(PAGE_SIZE + 10, b"t")  # partial page: copied up first
+    assert bytes(await top.read(PAGE_SIZE + 9, 3)) == b"BtB"
+    await top.zero(2 * PAGE_SIZE, PAGE_SIZE)  # hides the backing data
+    assert bytes(await top.read(2 * PAGE_SIZE, PAGE_SIZE)) == bytes(PAGE_SIZE)
+    # Nothing reached the backing node.
+    assert bytes(await base.read(0, M)) == b"B" * M
+    # Discard in an overlay lets the backing data show through again.
+    await top.discard(PAGE_SIZE, 2 * PAGE_SIZE)
+    assert bytes(await top.read(PAGE_SIZE, 2 * PAGE_SIZE)) == b"B" * (2 * PAGE_SIZE)
+    depths = await top.allocation_depth(0, M)
+    assert {e.depth for e in depths} == {2}
+    await graph.close()
+
+
+async def test_memory_truncate() -> None:
+    graph = await open_graph(["driver=memory,node-name=m,size=1M"])
+    child = graph.attach("m", perm=RW | Perm.RESIZE)
+    await child.write(M - 10, b"z" * 10)
+    await child.truncate(M - 5)
+    await child.truncate(M)
+    assert bytes(await child.read(M - 10, 10)) == b"z" * 5 + bytes(5)
+    await graph.close()
+
+
+# -- null -----------------------------------------------------------------------------------
+
+
+async def test_null_drops_writes_and_reads_zeros() -> None:
+    graph = await open_graph(["driver=null-co,node-name=n,size=64K"])
+    child = graph.attach("n", perm=RW)
+    assert child.size == 65536
+    await child.write(0, b"gone")
+    assert bytes(await child.read(0, 4)) == bytes(4)
+    assert child.caps.native_fua and child.caps.can_fast_zero
+    await graph.close()
+
+
+async def test_null_latency_forces_the_async_path() -> None:
+    graph = await open_graph(["driver=null,node-name=n,size=64K,latency-ns=1000000"])
+    child = graph.attach("n", perm=RW)
+    assert child.read_nowait(0, 4096) is None
+    assert child.write_nowait(0, b"x" * 4096) is False
+    assert bytes(await child.read(0, 4096)) == bytes(4096)
+    await graph.close()
+
+
+# -- raw ------------------------------------------------------------------------------------
+
+
+async def test_raw_window_maps_into_the_file() -> None:
+    graph = await open_graph(
+        [
+            "driver=memory,node-name=f,size=1M",
+            "driver=raw,node-name=r,file=f,offset=100K,size=200K",
+        ]
+    )
+    r = graph.attach("r", perm=RW)
+    f = graph.attach("f", perm=Perm.CONSISTENT_READ, user="file reader")
+    assert r.size == 200 * 1024
+    await r.write(0, b"head")
+    await r.write(r.size - 4, b"tail")
+    assert bytes(await f.read(100 * 1024, 4)) == b"head"
+    assert bytes(await f.read(300 * 1024 - 4, 4)) == b"tail"
+    with pytest.raises(OSError) as info:
+        await r.write(r.size - 2, b"over")
+    assert info.value.errno == errno.EINVAL
+    resizer = graph.attach("r", perm=RW | Perm.RESIZE, user="resizer")
+    with pytest.raises(OSError) as info:
+        await resizer.truncate(M)
+    assert info.value.errno == errno.ENOTSUP
+    await graph.close()
+
+
+async def test_raw_without_size_follows_the_file() -> None:
+    graph = await open_graph(
+        ["driver=memory,node-name=f,size=1M", "driver=raw,node-name=r,file=f,offset=4K"]
+    )
+    r = graph.attach("r", perm=RW | Perm.RESIZE)
+    await r.truncate(M)
+    assert graph.node("f").size == M + 4096 and r.size == M
+    await graph.close()
+
+
+async def test_two_raw_windows_share_one_writable_file() -> None:
+    graph = await open_graph(
+        [
+            "driver=memory,node-name=disk,size=2M",
+            "driver=raw,node-name=p1,file=disk,offset=0,size=1M",
+            "driver=raw,node-name=p2,file=disk,offset=1M,size=1M",
+        ]
+    )
+    one, two = graph.attach("p1", perm=RW), graph.attach("p2", perm=RW)
+    await one.write(0, b"1")
+    await two.write(0, b"2")
+    disk = graph.attach("disk")
+    assert bytes(await disk.read(0, 1)) + bytes(await disk.read(M, 1)) == b"12"
+    await graph.close()
+
+
+# -- blkdebug -------------------------------------------------------------------------------
+
+
+async def _debug(**opts: Any) -> tuple[Any, Any]:
+    graph = await open_graph(
+        [
+            {"driver": "memory", "node-name": "m", "size": M},
+            {"driver": "blkdebug", "node-name": "d", "image": "m", **opts},
+        ]
+    )
+    return graph, graph.attach("d", perm=RW)
+
+
+async def test_blkdebug_error_in_a_range_always() -> None:
+    graph, child = await _debug(
+        **{"inject-error": [{"errno": "ENOSPC", "iotype": "write", "offset": 8192, "length": 4096}]}
+    )
+    await child.write(0, b"x" * 8192)  # ends where the range starts: passes
+    for _ in range(2):
+        with pytest.raises(OSError) as info:
+            await child.write(12287, b"x")
+        assert info.value.errno == errno.ENOSPC
+    await child.read(8192, 4096)  # reads are not affected
+    assert graph.node("d").stats.errors == {"ENOSPC": 2}
+    await graph.close()
+
+
+async def test_blkdebug_once_and_after() -> None:
+    graph, child = await _debug(**{"inject-error": [{"iotype": "read", "after": 2, "once": True}]})
+    await child.read(0, 10)
+    await child.read(0, 10)
+    with pytest.raises(OSError) as info:
+        await child.read(0, 10)
+    assert info.value.errno == errno.EIO
+    await child.read(0, 10)
+    await graph.close()
+
+
+@pytest.mark.parametrize("op", ["flush", "zero", "discard", "block-status"])
+async def test_blkdebug_other_iotypes(op: str) -> None:
+    graph, child = await _debug(**{"inject-error": [{"iotype": op, "errno": 5, "once": True}]})
+    calls = {
+        "flush": lambda: child.flush(),
+        "zero": lambda: child.zero(0, 4096),
+        "discard": lambda: child.discard(0, 4096),
+        "block-status": lambda: child.block_status(0, 4096),
+    }
+    if op == "discard":
+        graph.node("d").discard = "unmap"
+    await child.write(0, b"dirty")  # so that flush has work to do
+    with pytest.raises(OSError) as info:
+        await calls[op]()
+    assert info.value.errno == errno.EIO
+    await graph.close()
+
+
+async def test_blkdebug_delay_and_runtime_rules() -> None:
+    graph, child = await _debug(**{"inject-delay": [{"iotype": "read", "ms": 20}]})
+    start = trio.current_time()
+    await child.read(0, 10)
+    assert trio.current_time() - start >= 0.02
+    drv = graph.node("d").driver
+    assert isinstance(drv, BlkdebugDriver)
+    drv.add_error(iotype="write", errno="EROFS", once=True)
+    with pytest.raises(OSError) as info:
+        await child.write(0, b"x")
+    assert info.value.errno == errno.EROFS
+    await graph.close()
+
+
+@pytest.mark.parametrize(
+    ("rule", "key"),
+    [
+        ({"iotype": "teleport"}, "inject-error.0.iotype"),
+        ({"offset": "x"}, "inject-error.0.offset"),
+        ({"colour": "red"}, "inject-error.0.colour"),
+        ({"after": -1}, "inject-error.0.after"),
+    ],
+)
+async def test_blkdebug_bad_rules(rule: dict[str, Any], key: str) -> None:
+    with pytest.raises(GraphError, match=f"'d', option '{key}'"):
+        await _debug(**{"inject-error": [rule]})
+
+
+async def test_blkdebug_align_must_be_a_power_of_two() -> None:
+    with pytest.raises(GraphError, match="'align'"):
+        await _debug(align=3000)

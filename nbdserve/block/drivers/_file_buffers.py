@@ -30,8 +30,9 @@ _getrefcount = sys.getrefcount
 _FREE = 3
 #: How many pooled buffers ``take`` inspects before it allocates another one.
 _PROBES = 4
-#: Unpooled buffers smaller than this need no alignment to be fast (see the module doc).
-_SMALL = 64 << 10
+#: Unpooled buffers smaller than this come from malloc: an mmap costs more than the copy
+#: it might speed up (see the module doc).
+_SMALL = 16 << 10
 
 
 def aligned(length: int) -> mmap.mmap:
@@ -63,13 +64,20 @@ class BufferPool:
     def take(self, length: int) -> memoryview:
         """A writable buffer of ``length`` bytes with unspecified contents."""
         ring = self._free.get(length)
-        if ring is not None:
+        if ring:
             # Requests mostly finish in order, so the oldest buffer is the likeliest free one.
+            buf = ring[0]
+            if _getrefcount(buf) == _FREE:
+                return memoryview(buf)
+        return self._take_slow(length, ring)
+
+    def _take_slow(self, length: int, ring: deque[mmap.mmap] | None) -> memoryview:
+        if ring is not None:
             for _ in range(min(len(ring), _PROBES)):
+                ring.rotate(-1)
                 buf = ring[0]
                 if _getrefcount(buf) == _FREE:
                     return memoryview(buf)
-                ring.rotate(-1)
             if len(ring) >= self.per_size:
                 return self._unpooled(length)
         elif length > self.max_size or length <= 0:
@@ -77,7 +85,7 @@ class BufferPool:
         if self._bytes + length > self.max_bytes:
             return self._unpooled(length)
         buf = aligned(length)
-        self._free.setdefault(length, deque()).append(buf)
+        self._free.setdefault(length, deque()).appendleft(buf)
         self._bytes += length
         return memoryview(buf)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -43,12 +44,24 @@ def env() -> dict[str, str]:
 
 
 def unix_listening(path: Path) -> bool:
-    wanted = str(path)
+    """``path`` is a socket that accepts connections.
+
+    nbdserve creates the file only once it accepts (it binds a temporary name and renames
+    it), so the file's existence is enough; qemu-nbd binds first, so it must also be listed as
+    listening in /proc/net/unix.
+    """
+    try:
+        if not stat.S_ISSOCK(path.stat().st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    if target() == "nbdserve":
+        return True
     with open("/proc/net/unix") as f:
         next(f)
         for line in f:
             fields = line.split()
-            if len(fields) >= 8 and fields[7] == wanted and int(fields[3], 16) & _UNIX_LISTENING:
+            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & _UNIX_LISTENING:
                 return True
     return False
 

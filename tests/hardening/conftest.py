@@ -44,29 +44,64 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def serve(tmp_path: Path, sockdir: Path) -> Iterator[Serve]:
-    """``serve(*args, persistent=True, shared=0)`` starts ``nbdserve -k SOCK [-t] [-e N] ARGS``.
+class Servers:
+    """Starts ``nbdserve -k SOCK [-t] [-e N] ARGS`` and remembers them for the health check."""
 
-    At teardown every server the test did not stop itself must still be running (a server
-    that died under a test's abuse fails the test), and is then stopped.
-    """
-    servers: list[Server] = []
+    def __init__(self, logdir: Path, sockdir: Path) -> None:
+        self.logdir, self.sockdir = logdir, sockdir
+        self.servers: list[Server] = []
 
-    def run(*args: str, persistent: bool = True, shared: int | None = 0) -> Server:
-        sock = sockdir / f"s{len(servers)}.sock"
+    def __call__(self, *args: str, persistent: bool = True, shared: int | None = 0) -> Server:
+        n = len(self.servers)
+        sock = self.sockdir / f"s{n}.sock"
         flags = ["-k", str(sock)]
         flags += ["-t"] if persistent else []
         flags += ["-e", str(shared)] if shared is not None else []
-        server = start([*flags, *args], sock, tmp_path / f"server{len(servers)}.log")
-        servers.append(server)
+        server = start([*flags, *args], sock, self.logdir / f"server{n}.log")
+        self.servers.append(server)
         return server
 
-    yield run
-    died = [s for s in servers if not s.stopped and not s.alive()]
-    for s in servers:
-        if s.alive():
-            s.stop()
-    assert not died, "server died during the test:\n" + "\n".join(
-        f"exit {s.proc.returncode}:\n{s.log_tail()}" for s in died
-    )
+    def finish(self) -> None:
+        """Every server the test did not stop itself must still be running; then stop all."""
+        died = [s for s in self.servers if not s.stopped and not s.alive()]
+        for s in self.servers:
+            if s.alive():
+                s.stop()
+        assert not died, "server died during the test:\n" + "\n".join(
+            f"exit {s.proc.returncode}:\n{s.log_tail()}" for s in died
+        )
+
+
+@pytest.fixture
+def serve(tmp_path: Path, sockdir: Path) -> Iterator[Serve]:
+    """``serve(*args, persistent=True, shared=0)`` starts a server for this test; a server
+    that died under the test's abuse fails it."""
+    servers = Servers(tmp_path, sockdir)
+    yield servers
+    servers.finish()
+
+
+@pytest.fixture(scope="module")
+def module_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "disk.img"
+    with path.open("wb") as f:
+        f.truncate(64 * MiB)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory, module_image: Path) -> Iterator[Server]:
+    """One writable raw 64 MiB export for a whole module (server starts cost ~1 s each)."""
+    d = Path(tempfile.mkdtemp(prefix="nbdh-"))
+    servers = Servers(tmp_path_factory.mktemp("shared"), d)
+    yield servers("-f", "raw", str(module_image))
+    servers.finish()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def server(shared_server: Server) -> Iterator[Server]:
+    """The module's shared server, checked alive before and after each test."""
+    assert shared_server.alive(), f"server died earlier:\n{shared_server.log_tail()}"
+    yield shared_server
+    assert shared_server.alive(), f"server died:\n{shared_server.log_tail()}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from . import _nbdraw as nbd
+from ._server import Server
 from .conftest import MiB, Serve
 
 NAME_MAX = 4096
@@ -27,10 +28,7 @@ NAME_MAX = 4096
 
 @pytest.mark.parametrize("opt", [nbd.OPT_GO, nbd.OPT_EXPORT_NAME, nbd.OPT_LIST, 99])
 @pytest.mark.parametrize("length", [0xFFFFFFFF, 1 << 31])
-def test_huge_option_length_disconnects_at_once(
-    serve: Serve, image: Path, opt: int, length: int
-) -> None:
-    server = serve("-f", "raw", str(image))
+def test_huge_option_length_disconnects_at_once(server: Server, opt: int, length: int) -> None:
     rss_before = server.rss_kib()
     with nbd.connect(server.sock) as s:
         nbd.greeting(s)
@@ -59,11 +57,8 @@ def test_export_name_of_4096_bytes_is_served_4097_refused(serve: Serve, image: P
 
 
 @pytest.mark.parametrize("name_len", [0xFFFFFFFF, 0x80000000, 5, 4097])
-def test_name_length_field_beyond_the_option_is_invalid(
-    serve: Serve, image: Path, name_len: int
-) -> None:
+def test_name_length_field_beyond_the_option_is_invalid(server: Server, name_len: int) -> None:
     # nbd-server CVE-2022-26495: the name length inside INFO/GO was trusted over the option's.
-    server = serve("-f", "raw", str(image))
     with nbd.connect(server.sock) as s:
         nbd.greeting(s)
         s.sendall(nbd.client_flags())
@@ -75,9 +70,8 @@ def test_name_length_field_beyond_the_option_is_invalid(
 
 
 @pytest.mark.parametrize("length", [NAME_MAX + 1, 3000 * 1024])
-def test_export_name_option_too_long_disconnects(serve: Serve, image: Path, length: int) -> None:
+def test_export_name_option_too_long_disconnects(server: Server, length: int) -> None:
     # NBD_OPT_EXPORT_NAME has no error reply: the only safe answer is to hang up.
-    server = serve("-f", "raw", str(image))
     with nbd.connect(server.sock) as s:
         nbd.greeting(s)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -112,8 +106,7 @@ def _recorded_session() -> tuple[bytes, list[int]]:
     return stream, cuts
 
 
-def test_eof_at_every_byte_of_a_session(serve: Serve, image: Path) -> None:
-    server = serve("-f", "raw", str(image))
+def test_eof_at_every_byte_of_a_session(server: Server) -> None:
     stream, cuts = _recorded_session()
     nbd.assert_serves(server.sock)
     fds_before = server.open_fds()
@@ -132,17 +125,15 @@ def test_eof_at_every_byte_of_a_session(serve: Serve, image: Path) -> None:
     print(f"EOF-at-every-byte: {len(cuts)} truncated sessions")
 
 
-def test_eof_before_greeting_is_read(serve: Serve, image: Path) -> None:
-    server = serve("-f", "raw", str(image))
+def test_eof_before_greeting_is_read(server: Server) -> None:
     for _ in range(20):
         s = nbd.connect(server.sock)
         s.close()
     nbd.assert_serves(server.sock)
 
 
-def test_client_vanishes_with_replies_pending(serve: Serve, image: Path) -> None:
+def test_client_vanishes_with_replies_pending(server: Server) -> None:
     # qemu CVE-2017-10664: a write to a closed socket raised SIGPIPE and killed the server.
-    server = serve("-f", "raw", str(image))
     for i in range(10):
         s = nbd.connect(server.sock)
         nbd.handshake(s, structured=bool(i % 2))
@@ -162,9 +153,8 @@ def test_client_vanishes_with_replies_pending(serve: Serve, image: Path) -> None
 
 @pytest.mark.parametrize("structured", [False, True])
 def test_read_over_32mib_is_an_error_and_the_connection_stays(
-    serve: Serve, image: Path, structured: bool
+    server: Server, structured: bool
 ) -> None:
-    server = serve("-f", "raw", str(image))
     with nbd.connect(server.sock) as s:
         nbd.handshake(s, structured=structured)
         for cookie, length in ((7, 32 * MiB + 1), (8, 64 * MiB)):
@@ -177,10 +167,7 @@ def test_read_over_32mib_is_an_error_and_the_connection_stays(
 
 
 @pytest.mark.parametrize("length", [0xFFFFFFFF, 32 * MiB + 1])
-def test_write_over_32mib_is_refused_without_buffering(
-    serve: Serve, image: Path, length: int
-) -> None:
-    server = serve("-f", "raw", str(image))
+def test_write_over_32mib_is_refused_without_buffering(server: Server, length: int) -> None:
     rss_before = server.rss_kib()
     with nbd.connect(server.sock) as s:
         nbd.handshake(s)
@@ -199,8 +186,7 @@ def test_write_over_32mib_is_refused_without_buffering(
 # nbdkit CVE-2021-3716's cousin: negotiated state must be exact, even when repeated.
 
 
-def test_second_structured_reply_option(serve: Serve, image: Path) -> None:
-    server = serve("-f", "raw", str(image))
+def test_second_structured_reply_option(server: Server) -> None:
     with nbd.connect(server.sock) as s:
         nbd.greeting(s)
         s.sendall(nbd.client_flags() + nbd.option(nbd.OPT_STRUCTURED_REPLY))
@@ -239,11 +225,6 @@ def test_sigterm_with_clients_connected_exits_cleanly(serve: Serve, image: Path)
         s.close()
     stalled.close()
     assert image.read_bytes()[:4] == b"done"
-
-
-def test_sigint_with_no_clients_exits_zero(serve: Serve, image: Path) -> None:
-    server = serve("-f", "raw", str(image))
-    assert server.stop(signal.SIGINT) == 0
 
 
 # Many idle, half-open and trickling connections (a handshake time limit).
@@ -324,3 +305,5 @@ def test_connection_limit_frees_slots_of_idle_clients(serve: Serve, image: Path)
     for s in squatters:
         nbd.wait_closed(s, timeout=10)
         s.close()
+    # SIGINT, like SIGTERM, is a clean stop.
+    assert server.stop(signal.SIGINT) == 0

@@ -48,7 +48,9 @@ async def measure(requests: int, repeat: int, directory: str) -> list[tuple[str,
         bufs = [buf]
         for off in offsets[:step]:  # warm the page cache
             os.preadv(fd, bufs, off)
-        rows = [("bare os.preadv (floor)", best_ns(lambda o: os.preadv(fd, bufs, o), offsets, repeat))]
+        rows = [
+            ("bare os.preadv (floor)", best_ns(lambda o: os.preadv(fd, bufs, o), offsets, repeat))
+        ]
 
         graph = await open_graph(
             [
@@ -67,14 +69,22 @@ async def measure(requests: int, repeat: int, directory: str) -> list[tuple[str,
             if misses:
                 print(f"warning: {misses}/1000 file reads missed the page cache", file=sys.stderr)
             rows += [
-                ("file driver read_nowait (no generic layer)",
-                 best_ns(lambda o: drv_read(o, BLOCK), offsets, repeat)),
-                ("Child.read_nowait, file (page cache)",
-                 best_ns(lambda o: file_child.read_nowait(o, BLOCK), offsets, repeat)),
-                ("Child.read_nowait, memory",
-                 best_ns(lambda o: mem.read_nowait(o, BLOCK), offsets, repeat)),
-                ("Child.write_nowait, memory",
-                 best_ns(lambda o: mem.write_nowait(o, data), offsets, repeat)),
+                (
+                    "file driver read_nowait (no generic layer)",
+                    best_ns(lambda o: drv_read(o, BLOCK), offsets, repeat),
+                ),
+                (
+                    "Child.read_nowait, file (page cache)",
+                    best_ns(lambda o: file_child.read_nowait(o, BLOCK), offsets, repeat),
+                ),
+                (
+                    "Child.read_nowait, memory",
+                    best_ns(lambda o: mem.read_nowait(o, BLOCK), offsets, repeat),
+                ),
+                (
+                    "Child.write_nowait, memory",
+                    best_ns(lambda o: mem.write_nowait(o, data), offsets, repeat),
+                ),
             ]
         finally:
             await graph.close()
@@ -88,11 +98,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    parser.add_argument("--dir", default=None, help="where the image goes (default: $TMPDIR)")
     args = parser.parse_args()
     rows = trio.run(measure, args.requests, args.repeat, args.dir)
     floor = rows[0][1]
-    print(f"4 KiB requests, best of {args.repeat} x {args.requests}, Python {sys.version.split()[0]}")
+    version = sys.version.split()[0]
+    print(f"4 KiB requests, best of {args.repeat} x {args.requests}, Python {version}")
     print(f"{'path':46} {'µs/req':>8} {'overhead µs':>12}")
     for name, ns in rows:
         print(f"{name:46} {ns / 1000:8.3f} {(ns - floor) / 1000:12.3f}")

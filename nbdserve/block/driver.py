@@ -4,7 +4,10 @@ A driver implements only the callbacks it has; the generic request path (``io.py
 rest: bounds checks, alignment padding and read-modify-write, splitting at ``max_transfer``,
 FUA emulation by flush, zero-write fallback, discard policy, statistics. By the time a
 callback runs its arguments are valid: inside the node, aligned to
-``limits.request_alignment`` and no longer than ``limits.max_transfer``.
+``limits.request_alignment`` and no longer than ``limits.max_transfer``. (If the node's size
+is not a multiple of the alignment, the last block may run past the end: a read there
+returns the bytes that exist, the generic layer zero-fills the rest; a write's bytes past
+the end are padding.)
 
 Errors are raised as ``OSError(errno, message)``; the caller of the block layer maps errno.
 

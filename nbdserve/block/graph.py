@@ -329,11 +329,14 @@ class Graph:
             node.perm, node.shared = use, share
 
     def _nodes_above(self, node: Node) -> list[Node]:
-        """``node`` and every filter above it (their size is their child's)."""
+        """``node`` and every node above it, children first: after a resize their cached
+        sizes (a filter's, a raw window's without ``size``) are refreshed in this order."""
         out = [node]
-        for edge in node.parents:
-            if edge.parent is not None and edge.parent.is_filter and edge.parent.opened:
-                out.extend(self._nodes_above(edge.parent))
+        for n in out:  # grows while iterating: a breadth-first walk upwards
+            for edge in n.parents:
+                parent = edge.parent
+                if parent is not None and parent.opened and parent not in out:
+                    out.append(parent)
         return out
 
 

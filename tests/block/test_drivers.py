@@ -235,3 +235,19 @@ async def test_blkdebug_bad_rules(rule: dict[str, Any], key: str) -> None:
 async def test_blkdebug_align_must_be_a_power_of_two() -> None:
     with pytest.raises(GraphError, match="'align'"):
         await _debug(align=3000)
+
+
+async def test_alignment_larger_than_the_image_tail() -> None:
+    # 1000 bytes, 512-byte alignment: the last block runs past the end of the image.
+    graph = await open_graph(
+        [
+            {"driver": "memory", "node-name": "m", "size": 1000},
+            {"driver": "blkdebug", "node-name": "d", "image": "m", "align": 512},
+        ]
+    )
+    child = graph.attach("d", perm=RW)
+    await child.write(990, b"0123456789")
+    assert bytes(await child.read(985, 15)) == bytes(5) + b"0123456789"
+    extents = await child.block_status(600, 400)
+    assert sum(e.length for e in extents) == 400 and extents[-1].status & Status.EOF
+    await graph.close()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import errno as _errno
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
@@ -35,6 +35,9 @@ from ..driver import ChildSpec, Driver, Opt
 from ..errors import GraphError
 from ..options import parse_bool, parse_size
 from ..types import Buffer, Extent, ReqFlags, Role
+
+if TYPE_CHECKING:
+    from ..io import Child
 
 __all__ = ["BlkdebugDriver"]
 
@@ -89,7 +92,7 @@ class BlkdebugDriver(Driver):
         self._rules_for: dict[str, bool] = {}
 
     @property
-    def image(self) -> Any:
+    def image(self) -> Child:
         return self.node.children["image"]
 
     async def open(self) -> None:
@@ -184,23 +187,31 @@ class BlkdebugDriver(Driver):
         data = await self.image.read(offset, n)
         return data if n == length else bytes(data) + bytes(length - n)
 
+    # The generic layer pads to ``align``; when the image ends inside the last block, the
+    # part past its end is padding and is not passed on.
+
+    def _clamp(self, offset: int, length: int) -> int:
+        return min(length, self.image.size - offset)
+
     def write_nowait(self, offset: int, data: Buffer, flags: ReqFlags) -> bool:
         if self._rules_for["write"]:
             return False
         self._assert_aligned("write", offset, len(data))
-        return bool(self.image.write_nowait(offset, data, flags))
+        n = self._clamp(offset, len(data))
+        return bool(self.image.write_nowait(offset, memoryview(data)[:n], flags))
 
     async def write(self, offset: int, data: Buffer, flags: ReqFlags) -> None:
         await self._enter("write", offset, len(data))
-        await self.image.write(offset, data, flags)
+        n = self._clamp(offset, len(data))
+        await self.image.write(offset, memoryview(data)[:n], flags)
 
     async def zero(self, offset: int, length: int, flags: ReqFlags) -> None:
         await self._enter("zero", offset, length)
-        await self.image.zero(offset, length, flags)
+        await self.image.zero(offset, self._clamp(offset, length), flags)
 
     async def discard(self, offset: int, length: int) -> None:
         await self._enter("discard", offset, length)
-        await self.image.discard(offset, length)
+        await self.image.discard(offset, self._clamp(offset, length))
 
     async def flush(self) -> None:
         # The generic layer flushes the child afterwards (this edge holds write permission).
@@ -208,6 +219,8 @@ class BlkdebugDriver(Driver):
 
     async def block_status(self, offset: int, length: int) -> Extent:
         await self._enter("block-status", offset, length)
+        # The query is rounded up to ``align``; the image may end inside the last block.
+        length = min(length, self.image.size - offset)
         result: Extent = await self.image.block_status_one(offset, length)
         return result
 

@@ -88,6 +88,7 @@ class RawDriver(Driver):
         await self.file.cache(self._offset + offset, length)
 
     async def block_status(self, offset: int, length: int) -> Extent:
+        length = min(length, self.length() - offset)  # the query may be rounded up
         ext = await self.file.block_status_one(self._offset + offset, length)
         return Extent(ext.length, ext.status & _LAYER, ext.map_offset, ext.file)
 

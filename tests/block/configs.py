@@ -93,6 +93,20 @@ async def _raw_file(tmp: Path) -> Options:
     ]
 
 
+async def _qcow2(tmp: Path) -> Options:
+    from nbdserve.block.qcow2 import create_qcow2
+
+    path = tmp / "disk.qcow2"
+    await create_qcow2(path, SIZE)
+    return [
+        {
+            "driver": "qcow2",
+            "node-name": "top",
+            "file": {"driver": "file", "filename": str(path)},
+        }
+    ]
+
+
 CONFIGS = [
     Config("memory", _memory),
     Config("memory-overlay", _memory_overlay),
@@ -101,6 +115,7 @@ CONFIGS = [
     Config("blkdebug", _blkdebug),
     Config("file", _file),
     Config("raw-file", _raw_file),
+    Config("qcow2", _qcow2),
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,6 @@ from ._certs import Creds, make_creds
 from ._server import Server, start, target
 
 MiB = 1 << 20
-Serve = Callable[..., Server]
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +60,12 @@ class Servers:
         self.servers.append(server)
         return server
 
+    def daemon(self, *args: str, sock: Path) -> Server:
+        """Start with exactly ``args`` (the storage-daemon dialect names its own socket)."""
+        server = start(list(args), sock, self.logdir / f"server{len(self.servers)}.log")
+        self.servers.append(server)
+        return server
+
     def finish(self) -> None:
         """Every server the test did not stop itself must still be running; then stop all."""
         died = [s for s in self.servers if not s.stopped and not s.alive()]
@@ -73,7 +78,7 @@ class Servers:
 
 
 @pytest.fixture
-def serve(tmp_path: Path, sockdir: Path) -> Iterator[Serve]:
+def serve(tmp_path: Path, sockdir: Path) -> Iterator[Servers]:
     """``serve(*args, persistent=True, shared=0)`` starts a server for this test; a server
     that died under the test's abuse fails it."""
     servers = Servers(tmp_path, sockdir)
@@ -105,3 +110,6 @@ def server(shared_server: Server) -> Iterator[Server]:
     assert shared_server.alive(), f"server died earlier:\n{shared_server.log_tail()}"
     yield shared_server
     assert shared_server.alive(), f"server died:\n{shared_server.log_tail()}"
+
+
+Serve = Servers

@@ -11,8 +11,12 @@ import signal
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import trio
+
+from protocol import TLSMode
 
 from .block import Graph, GraphError, open_graph
 from .captive import run_captive
@@ -82,7 +86,7 @@ async def serve_config(config: ServerConfig, warnings: Sequence[str] = ()) -> in
         server = Server(Catalogue(exports), max_connections=config.max_connections,
                         persistent=config.persistent,
                         handshake_timeout=config.handshake_timeout,
-                        max_in_flight=config.max_in_flight)
+                        max_in_flight=config.max_in_flight, **_tls_options(config))
         if config.listen.stdin:
             await server.serve_transport(stdio_transport())
             return 0
@@ -116,6 +120,21 @@ async def serve_config(config: ServerConfig, warnings: Sequence[str] = ()) -> in
             with contextlib.suppress(OSError):
                 os.unlink(path)
         log.info("stopped")
+
+
+def _tls_options(config: ServerConfig) -> dict[str, Any]:
+    if config.tls == "off" or config.tls_creds is None:
+        return {}
+    from . import tls
+
+    try:
+        context = tls.server_context(Path(config.tls_creds),
+                                     verify_peer=config.tls_verify_peer)
+    except tls.TLSCredsError as e:
+        raise ConfigError(str(e)) from None
+    allowed = list(config.tls_authz)
+    authz = (lambda stream: tls.check_authz(stream, allowed)) if allowed else None
+    return {"tls": TLSMode(config.tls), "ssl_context": context, "tls_authz": authz}
 
 
 async def _add_snapshot_overlays(graph: Graph, config: ServerConfig) -> None:

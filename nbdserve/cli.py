@@ -116,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="addr.type=inet,addr.host=H,addr.port=P | addr.type=unix,addr.path=P"
                           "[,max-connections=N]")
 
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--tls", choices=("off", "on", "require"),
+                     help="STARTTLS policy (default: require with --tls-creds, else off)")
+    tls.add_argument("--tls-creds", metavar="DIR",
+                     help="x509 credentials as qemu lays them out: ca-cert.pem, "
+                          "server-cert.pem, server-key.pem")
+    tls.add_argument("--tls-verify-peer", choices=("on", "off"), default="on",
+                     help="require and verify client certificates (default on)")
+    tls.add_argument("--tls-authz", action="append", default=[], metavar="NAME",
+                     help="allow only this client certificate (CN or full DN); repeatable")
+
     run = p.add_argument_group("captive mode (nbdkit compatible)")
     run.add_argument("--run", metavar="CMD",
                      help="serve on a private socket, run CMD with $uri $nbd $unixsocket "
@@ -194,6 +205,11 @@ def config_from_args(ns: argparse.Namespace) -> tuple[ServerConfig, list[str]]:
     else:
         listen = ListenSpec(tcp_host=ns.bind, tcp_port=DEFAULT_PORT if ns.port is None
                             else parse_port(str(ns.port)))
+    tls_mode = ns.tls or ("require" if ns.tls_creds else "off")
+    if tls_mode != "off" and not ns.tls_creds:
+        raise ConfigError(f"--tls={tls_mode} needs --tls-creds DIR")
+    if ns.tls_authz and tls_mode == "off":
+        raise ConfigError("--tls-authz needs TLS (--tls-creds)")
     if ns.max_in_flight < 1:
         raise ConfigError(f"invalid --max-in-flight {ns.max_in_flight}: must be at least 1")
     parse_count(str(max_connections), what="connection count")
@@ -208,6 +224,10 @@ def config_from_args(ns: argparse.Namespace) -> tuple[ServerConfig, list[str]]:
         pid_file=ns.pid_file,
         run=ns.run,
         snapshot=ns.snapshot,
+        tls=tls_mode,
+        tls_creds=ns.tls_creds if tls_mode != "off" else None,
+        tls_verify_peer=ns.tls_verify_peer == "on",
+        tls_authz=list(ns.tls_authz),
     ), warnings
 
 

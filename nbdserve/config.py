@@ -59,6 +59,12 @@ class ServerConfig:
     snapshot: bool = False
     #: Temporary files to remove at exit (snapshot overlays).
     cleanup: list[str] = field(default_factory=list)
+    #: STARTTLS: "off", "on" (optional) or "require"; credentials in qemu's x509 layout.
+    tls: str = "off"
+    tls_creds: str | None = None
+    tls_verify_peer: bool = True
+    #: Client certificate names allowed (CN or full DN); empty = any verified client.
+    tls_authz: list[str] = field(default_factory=list)
 
 
 _TRUE = {"on", "true", "yes", "1"}

@@ -17,7 +17,8 @@ import errno
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+import ssl
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -37,6 +38,7 @@ from protocol import (
     ServerHandshake,
     ServerTransmission,
     Session,
+    StartTLS,
     TLSMode,
 )
 
@@ -45,7 +47,7 @@ from .errors import nbd_errno
 from .exports import MAX_PAYLOAD, Catalogue, Export
 from .log import get_logger
 from .stats import ConnectionStats
-from .transport import Transport
+from .transport import StreamTransport, Transport
 from .types import Buffer
 
 #: One receive call asks for this much: many small requests, or a good piece of a big write.
@@ -53,6 +55,9 @@ RECV_SIZE = 256 * 1024
 #: Replies gathered by one pass are sent once they hold this many bytes, which bounds the
 #: memory a burst of page-cache reads can pin.
 SEND_BATCH_BYTES = 4 << 20
+
+#: Checks a TLS client after its handshake: None to accept, else the reason for refusing.
+TLSAuthz = Callable[[trio.SSLStream], "str | None"]
 
 _ids = itertools.count(1)
 _READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
@@ -62,13 +67,16 @@ _FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
 class Connection:
     def __init__(self, transport: Transport, catalogue: Catalogue, *,
                  handshake_timeout: float = 10.0, max_in_flight: int = 16,
-                 tls: TLSMode = TLSMode.OFF) -> None:
+                 tls: TLSMode = TLSMode.OFF, ssl_context: ssl.SSLContext | None = None,
+                 tls_authz: TLSAuthz | None = None) -> None:
         self.id = next(_ids)
         self.transport = transport
         self.catalogue = catalogue
         self.handshake_timeout = handshake_timeout
         self.max_in_flight = max_in_flight
         self.tls = tls
+        self.ssl_context = ssl_context
+        self.tls_authz = tls_authz
         self.stats = ConnectionStats()
         self.session: Session | None = None
         self.export: Export | None = None
@@ -78,7 +86,10 @@ class Connection:
         self._scope = trio.CancelScope()
         self._stopping = False
         self._in_transmission = False
-        self._send_lock = trio.Lock()
+        # Reply writing: one sender at a time; others queue behind it (see _send).
+        self._sending = False
+        self._queued: list[Buffer] = []
+        self._queue_sent = trio.Event()
         self._slots = trio.Semaphore(max_in_flight)
         self._tx: ServerTransmission
         self._ctx: CommandContext
@@ -133,22 +144,24 @@ class Connection:
 
     async def _handshake(self) -> tuple[Session, bytes] | None:
         hs = ServerHandshake(self.catalogue, tls=self.tls)
-        transport = self.transport
         with trio.move_on_after(self.handshake_timeout if self.handshake_timeout > 0
                                 else math.inf) as timer:
             try:
-                await transport.send([hs.initiate()])
+                await self.transport.send([hs.initiate()])
                 while True:
                     event = hs.next_event()
                     out = hs.data_to_send()
                     if out:
-                        await transport.send([out])
+                        await self.transport.send([out])
                     if event is NEED_DATA:
-                        hs.receive_data(await transport.receive(RECV_SIZE))
+                        hs.receive_data(await self.transport.receive(RECV_SIZE))
                     elif isinstance(event, OptionHandled):
                         if self._debug:
                             self._log.debug("option", option=str(event.option),
                                             reply=str(event.reply))
+                    elif isinstance(event, StartTLS):
+                        if not await self._start_tls(hs):
+                            return None
                     elif isinstance(event, Ready):
                         return event.session, event.leftover
                     elif isinstance(event, Aborted):
@@ -175,6 +188,29 @@ class Connection:
             self.end_reason = "handshake timeout"
             self._log.warning("handshake timed out", timeout=self.handshake_timeout)
         return None
+
+    async def _start_tls(self, hs: ServerHandshake) -> bool:
+        """Upgrade to TLS after STARTTLS was acknowledged (the ACK has been written). The
+        protocol then forgets everything negotiated in plaintext."""
+        if self.ssl_context is None:
+            raise RuntimeError("STARTTLS accepted but no TLS credentials are configured")
+        old = self.transport
+        stream = trio.SSLStream(old.into_stream(), self.ssl_context, server_side=True)
+        self.transport = StreamTransport(stream, kind=old.kind, peer=old.peer)
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as e:
+            self.end_reason = "tls failed"
+            self._log.warning("TLS handshake failed", error=str(e.__cause__ or e))
+            return False
+        if self.tls_authz is not None:
+            refusal = self.tls_authz(stream)
+            if refusal is not None:
+                self.end_reason = "tls refused"
+                self._log.warning("TLS client not authorised", reason=refusal)
+                return False
+        hs.tls_established()
+        return True
 
     async def _send_quietly(self, data: bytes) -> None:
         if data:
@@ -336,23 +372,34 @@ class Connection:
         return self._tx.reply(request, error, message)
 
     async def _send(self, buffers: list[Buffer] | Sequence[Buffer]) -> None:
-        """Write one batch of whole replies. A client that is gone ends the connection here,
-        whichever task noticed first."""
-        lock = self._send_lock
+        """Write whole replies; return once they are on the wire.
+
+        Replies that finish while a send is in progress are gathered and go out together in
+        the next ``sendmsg`` (one system call for many replies under load). A caller still
+        waits until its own bytes are sent, so the memory held by replies stays bounded by
+        the in-flight limit. A client that is gone ends the connection here, whichever task
+        noticed first."""
+        if self._sending:
+            self._queued.extend(buffers)
+            sent = self._queue_sent
+            await sent.wait()
+            return
+        self._sending = True
         try:
-            if lock.locked():
-                async with lock:
-                    await self.transport.send(buffers)
-            else:
-                lock.acquire_nowait()  # uncontended: skip the scheduler round trip
-                try:
-                    await self.transport.send(buffers)
-                finally:
-                    lock.release()
+            await self.transport.send(buffers)
+            while self._queued:
+                batch, sent = self._queued, self._queue_sent
+                self._queued, self._queue_sent = [], trio.Event()
+                await self.transport.send(batch)
+                sent.set()
         except OSError as e:
             if self.end_reason in ("eof", "disconnect"):
                 self.end_reason = "vanished"
             if self._debug:
                 self._log.debug("send failed", error=str(e))
             self._scope.cancel()
-            await trio.lowlevel.checkpoint()  # let the cancellation land here
+        finally:
+            self._sending = False
+            # Wake waiters even on failure: the cancelled scope ends them right after.
+            self._queue_sent.set()
+            self._queue_sent = trio.Event()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 from collections.abc import Sequence
 
 import trio
 
 from protocol import TLSMode
 
-from .connection import Connection
+from .connection import Connection, TLSAuthz
 from .exports import Catalogue
 from .listeners import Listener
 from .log import get_logger
@@ -31,6 +32,7 @@ class Server:
     def __init__(self, catalogue: Catalogue, *, max_connections: int = 0,
                  persistent: bool = True, handshake_timeout: float = 10.0,
                  max_in_flight: int = 16, tls: TLSMode = TLSMode.OFF,
+                 ssl_context: ssl.SSLContext | None = None, tls_authz: TLSAuthz | None = None,
                  shutdown_grace: float = SHUTDOWN_GRACE) -> None:
         self.catalogue = catalogue
         self.max_connections = max_connections
@@ -38,6 +40,8 @@ class Server:
         self.handshake_timeout = handshake_timeout
         self.max_in_flight = max_in_flight
         self.tls = tls
+        self.ssl_context = ssl_context
+        self.tls_authz = tls_authz
         self.shutdown_grace = shutdown_grace
         self.connections: set[Connection] = set()
         #: Connections served so far (for tests and the non-persistent exit rule).
@@ -135,7 +139,8 @@ class Server:
         try:
             conn = Connection(transport, self.catalogue,
                               handshake_timeout=self.handshake_timeout,
-                              max_in_flight=self.max_in_flight, tls=self.tls)
+                              max_in_flight=self.max_in_flight, tls=self.tls,
+                              ssl_context=self.ssl_context, tls_authz=self.tls_authz)
             self.connections.add(conn)
             self.served += 1
             if self._shutting_down:

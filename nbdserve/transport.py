@@ -43,6 +43,11 @@ class Transport:
         """Write every buffer, in order, completely."""
         raise NotImplementedError
 
+    def into_stream(self) -> trio.abc.Stream:
+        """The connection as a trio stream, to wrap in TLS after STARTTLS. The transport
+        must not be used afterwards."""
+        raise NotImplementedError
+
     def stop_receiving(self) -> None:
         """Make the pending and every later ``receive`` return ``b""`` (graceful shutdown:
         replies can still be sent)."""
@@ -106,6 +111,9 @@ class SocketTransport(Transport):
             if sent:
                 pending[0] = memoryview(pending[0])[sent:]
 
+    def into_stream(self) -> trio.abc.Stream:
+        return trio.SocketStream(trio.socket.from_stdlib_socket(self._sock))
+
     def stop_receiving(self) -> None:
         # The kernel wakes a waiting recv with EOF; the write side stays open.
         with contextlib.suppress(OSError):
@@ -133,6 +141,9 @@ class StreamTransport(Transport):
         with trio.CancelScope() as self._receive_scope:
             return bytes(await self.stream.receive_some(max_bytes))
         return b""  # cancelled by stop_receiving()
+
+    def into_stream(self) -> trio.abc.Stream:
+        return self.stream
 
     def stop_receiving(self) -> None:
         self._stopped = True

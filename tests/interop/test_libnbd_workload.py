@@ -13,10 +13,11 @@ from tests.interop._server import ImageFactory, MiB, ServeFactory, Transport
 from tests.interop._tools import libnbd_python
 
 
-@pytest.mark.parametrize(("seed", "connections", "in_flight", "requests", "discard"), [
-    (1, 4, 16, 1500, "ignore"),
-    (2, 2, 32, 1500, "unmap"),
-])
+@pytest.mark.parametrize(
+    ("seed", "connections", "in_flight", "requests", "discard", "transport"), [
+        (1, 4, 16, 1500, "ignore", "unix"),
+        (2, 2, 32, 1500, "unmap", "tcp"),
+    ])
 def test_random_workload_matches_model(
     serve: ServeFactory, make_image: ImageFactory, tmp_path: Path, transport: Transport,
     seed: int, connections: int, in_flight: int, requests: int, discard: str,

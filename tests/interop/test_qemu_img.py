@@ -23,13 +23,13 @@ def test_info_reports_size_and_raw_format(serve: ServeFactory, make_image: Image
 
 
 def test_convert_in_then_compare_and_convert_out(
-    serve: ServeFactory, make_image: ImageFactory, tmp_path: Path, transport: Transport
+    serve: ServeFactory, make_image: ImageFactory, tmp_path: Path
 ) -> None:
     # Source with data, a zero run and a hole, so both the data and zero paths are used.
     src = make_image(8 * MiB, {0: random_bytes(1, 3 * MiB), 5 * MiB + 123: random_bytes(2, MiB),
                                7 * MiB: bytes(64 * 1024)})
     target = make_image(8 * MiB)
-    server = serve("-f", "raw", str(target), transport=transport)
+    server = serve("-f", "raw", str(target))
     run(["qemu-img", "convert", "-n", "-W", "-m", "4", "-f", "raw", "-O", "raw", str(src),
          server.uri()], server=server)
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), server.uri()],
@@ -64,12 +64,11 @@ def check_map_covers(entries: list[dict[str, int | bool]], size: int) -> None:
     assert position == size, entries
 
 
-def test_map_reports_data_and_zero_regions(serve: ServeFactory, make_image: ImageFactory,
-                                           transport: Transport) -> None:
+def test_map_reports_data_and_zero_regions(serve: ServeFactory, make_image: ImageFactory) -> None:
     size = 16 * MiB
     data_start, data_end = 2 * MiB, 3 * MiB
     image = make_image(size, {data_start: b"\xaa" * (data_end - data_start)})
-    server = serve("-f", "raw", str(image), transport=transport)
+    server = serve("-f", "raw", str(image), transport="tcp")
     entries = run_json(["qemu-img", "map", "--output=json", "-f", "raw", server.uri()],
                        server=server)
     check_map_covers(entries, size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.interop._server import ImageFactory, MiB, ServeFactory, ServerKind, Transport
+from tests.interop._server import ImageFactory, MiB, ServeFactory, ServerKind
 from tests.interop._tools import (
     DEBIAN_PYTHON,
     INTEROP_DIR,
@@ -29,12 +29,12 @@ def refusal_errno(kind: ServerKind) -> str:
 
 
 def test_read_only_export_refuses_writes_with_eperm(
-    serve: ServeFactory, make_image: ImageFactory, transport: Transport, kind: ServerKind
+    serve: ServeFactory, make_image: ImageFactory, kind: ServerKind
 ) -> None:
     content = b"\x42" * (256 * 1024)
     image = make_image(4 * MiB, {0: content})
     before = image.read_bytes()
-    server = serve("-f", "raw", "-r", str(image), transport=transport)
+    server = serve("-f", "raw", "-r", str(image))
 
     export = nbdinfo_json(server)["exports"][0]
     assert export["is_read_only"] is True

@@ -11,6 +11,7 @@ have stayed bounded. Deterministic per seed; bounded by count and by time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import shutil
 import socket
@@ -230,7 +231,9 @@ def test_fuzzed_connections_do_not_disturb_a_good_client(fuzz_server: Server) ->
     spawn(lambda: good.run(stop_good), stop_good)
     spawn(lambda: _sample_rss(fuzz_server, stop_good, peak), stop_good)
     for k in range(FUZZERS):
-        spawn(lambda k=k: _fuzzer(fuzz_server.sock, SEED + 1 + k, stop_fuzz, tally), stop_fuzz)
+        spawn(
+            functools.partial(_fuzzer, fuzz_server.sock, SEED + 1 + k, stop_fuzz, tally), stop_fuzz
+        )
     deadline = time.monotonic() + FUZZ_SECONDS
     while time.monotonic() < deadline and any(t.is_alive() for t, ev in threads if ev is stop_fuzz):
         time.sleep(0.1)

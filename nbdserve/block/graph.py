@@ -59,6 +59,13 @@ class Graph:
     def __repr__(self) -> str:
         return f"<Graph {sorted(self._nodes)}>"
 
+    async def __aenter__(self) -> Graph:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        with trio.CancelScope(shield=True):
+            await self.close()
+
     # -- building -------------------------------------------------------------------------
     async def add(self, options: Mapping[str, Any] | str) -> Node:
         """Open a node (and any children given inline) from QEMU-style options."""

@@ -358,3 +358,9 @@ async def test_truncate_needs_resize_permission() -> None:
     assert plain.size == 2 << 20
     await plain.write((2 << 20) - 1, b"z", ReqFlags.FUA)
     await graph.close()
+
+
+async def test_graph_as_async_context_manager() -> None:
+    async with await open_graph(["driver=memory,node-name=m,size=64K"]) as graph:
+        await graph.attach("m", perm=RW).write(0, b"x")
+    assert graph.nodes == {}

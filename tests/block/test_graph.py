@@ -364,3 +364,17 @@ async def test_graph_as_async_context_manager() -> None:
     async with await open_graph(["driver=memory,node-name=m,size=64K"]) as graph:
         await graph.attach("m", perm=RW).write(0, b"x")
     assert graph.nodes == {}
+
+
+def test_parse_size() -> None:
+    from nbdserve.block import parse_size
+
+    assert parse_size(512) == 512
+    assert parse_size("512") == 512
+    assert parse_size("64K") == 65536
+    assert parse_size("2MiB") == 2 << 20
+    assert parse_size("1.5G") == 3 << 29
+    assert parse_size("1t") == 1 << 40
+    for bad in ["", "1X", "-1", "0.3", True, None, 1.5]:
+        with pytest.raises(ValueError):
+            parse_size(bad)

@@ -130,7 +130,7 @@ async def test_locking_off_lets_two_writers_in(img: Path) -> None:
         await second.close()
 
 
-# -- O_DIRECT through the generic layer -------------------------------------------------------------
+# -- O_DIRECT through the generic layer ------------------------------------------------------
 async def test_direct_unaligned_requests_are_padded(tmp_path: Path) -> None:
     path = tmp_path / "odd.img"
     path.write_bytes(os.urandom(1_000_000))  # not a multiple of any block size

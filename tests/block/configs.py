@@ -79,6 +79,17 @@ async def _file(tmp: Path) -> Options:
     return [{"driver": "file", "node-name": "top", "filename": str(path)}]
 
 
+async def _file_direct(tmp: Path) -> Options:
+    # O_DIRECT on a fully allocated (zero-written) file: the alignment probe finds the
+    # device's block size, so the generic layer pads and read-modify-writes above it.
+    path = tmp / "disk.img"
+    with open(path, "wb") as f:
+        f.write(bytes(SIZE))
+    return [
+        {"driver": "file", "node-name": "top", "filename": str(path), "cache.direct": True}
+    ]
+
+
 async def _raw_file(tmp: Path) -> Options:
     path = tmp / "disk.img"
     with open(path, "wb") as f:
@@ -114,6 +125,7 @@ CONFIGS = [
     Config("raw-offset", _raw_offset),
     Config("blkdebug", _blkdebug),
     Config("file", _file),
+    Config("file-direct", _file_direct),
     Config("raw-file", _raw_file),
     Config("qcow2", _qcow2),
 ]

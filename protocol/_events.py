@@ -258,6 +258,44 @@ class Request:
     message: str = ""
 
 
+_new = object.__new__
+_set_request_fields = tuple(
+    getattr(Request, name).__set__
+    for name in ("cookie", "cmd", "flags", "offset", "length", "data", "error", "message")
+)
+
+
+def new_request(
+    cookie: int,
+    cmd: Cmd | int,
+    flags: CmdFlag,
+    offset: int,
+    length: int,
+    data: bytes | memoryview | None,
+    error: Errno | None = None,
+    message: str = "",
+) -> Request:
+    """``Request(...)`` for the hot path, about 3x faster.
+
+    A frozen dataclass's ``__init__`` assigns each field through ``object.__setattr__``;
+    setting the slots through their descriptors gives the same object for less. Equality
+    with the normal constructor is tested (tests/protocol/test_transmission.py).
+    """
+    request: Request = _new(Request)
+    s_cookie, s_cmd, s_flags, s_offset, s_length, s_data, s_error, s_message = (
+        _set_request_fields
+    )
+    s_cookie(request, cookie)
+    s_cmd(request, cmd)
+    s_flags(request, flags)
+    s_offset(request, offset)
+    s_length(request, length)
+    s_data(request, data)
+    s_error(request, error)
+    s_message(request, message)
+    return request
+
+
 @dataclass(frozen=True, slots=True)
 class Disconnect:
     """Server side: NBD_CMD_DISC. No reply; finish in-flight requests, then close."""

@@ -39,8 +39,9 @@ from ._events import (
     ReplyDone,
     Request,
     Session,
+    new_request,
 )
-from ._validate import allowed_flags, validate
+from ._validate import Validator
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",
@@ -72,6 +73,7 @@ ReadPiece = tuple[int, Buffer] | tuple[int, int]
 _CMD_BY_VALUE: dict[int, Cmd] = {int(c): c for c in Cmd}
 _FLAGS_BY_VALUE: dict[int, CmdFlag] = {v: CmdFlag(v) for v in range(int(max(CmdFlag)) * 2)}
 _DONE = int(ReplyFlag.DONE)
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 
 
 class _State(Enum):
@@ -110,7 +112,7 @@ class ServerTransmission:
         self.max_payload = max_payload
         self._buffer = ReceiveBuffer(leftover)
         self._state = _State.OPEN
-        self._allowed = allowed_flags(session)
+        self._validator = Validator(session, max_payload)
         self._extended = session.extended
         self._structured = session.structured
         if session.extended:
@@ -154,7 +156,7 @@ class ServerTransmission:
             raise RemoteProtocolError(f"bad {kind} request magic 0x{magic:08x}")
         cmd = _CMD_BY_VALUE.get(cmd_value)
         # Payload framing comes first: even a request we reject must have its payload consumed.
-        if cmd is Cmd.WRITE or (self._extended and flags & CmdFlag.PAYLOAD_LEN):
+        if cmd is Cmd.WRITE or (flags & _PAYLOAD_LEN and self._extended):
             if length > self.max_payload:
                 self._state = _State.ERROR
                 raise RemoteProtocolError(
@@ -167,25 +169,21 @@ class ServerTransmission:
         else:
             buf.skip(header_size)
             data = None
+        cmd_flags = _FLAGS_BY_VALUE.get(flags)
+        if cmd_flags is None:
+            cmd_flags = CmdFlag(flags)
         if cmd is None:
-            return Request(
-                cookie, cmd_value, CmdFlag(flags), offset, length, data,
+            return new_request(
+                cookie, cmd_value, cmd_flags, offset, length, data,
                 Errno.EINVAL, f"unknown command {cmd_value}",
             )  # fmt: skip
         if cmd is Cmd.DISC:
             self._state = _State.DISCONNECTED
             return Disconnect()
-        if cmd is Cmd.WRITE and data is None:  # pragma: no cover - framing above guarantees it
-            raise AssertionError("WRITE without payload")
-        problem = validate(
-            self.session, self._allowed, cmd, flags, offset, length, self.max_payload
-        )
-        cmd_flags = _FLAGS_BY_VALUE.get(flags)
-        if cmd_flags is None:
-            cmd_flags = CmdFlag(flags)
+        problem = self._validator.check(cmd, flags, offset, length)
         if problem is None:
-            return Request(cookie, cmd, cmd_flags, offset, length, data)
-        return Request(cookie, cmd, cmd_flags, offset, length, data, problem[0], problem[1])
+            return new_request(cookie, cmd, cmd_flags, offset, length, data)
+        return new_request(cookie, cmd, cmd_flags, offset, length, data, problem[0], problem[1])
 
     def _short(self, available: int) -> NeedData | Closed:
         if not self._buffer.eof:

@@ -615,6 +615,17 @@ def test_byte_at_a_time_equals_one_buffer(mode: str) -> None:
     assert sum(isinstance(e, ReplyDone) for e in got_c) == len(reqs)
 
 
+def test_fast_request_constructor_equals_the_dataclass() -> None:
+    from protocol._events import new_request
+
+    args = (7, Cmd.WRITE, CmdFlag.FUA, 512, 3, b"abc", Errno.EIO, "why")
+    fast, normal = new_request(*args), Request(*args)
+    assert fast == normal and hash(fast) == hash(normal) and repr(fast) == repr(normal)
+    assert new_request(*args[:6]) == Request(*args[:6])
+    with pytest.raises(AttributeError):
+        fast.cookie = 8  # type: ignore[misc]  # still frozen
+
+
 # -- client-side checks ----------------------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="development mode: 256M image, 1 run, 1 s per cell (< 2 minutes)",
+        help="development mode: 256M image, 1 run, 1 s per cell, one server start per run",
     )
     p.add_argument("--size", type=parse_size, help="image size (default 1G; --quick 256M)")
     p.add_argument("--runs", type=int, help="runs per cell; each figure is the median (default 3)")
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         runs=runs,
         runtime=runtime,
         image_dir=args.image_dir,
+        fresh_per_cell=not args.quick,
         profile_dir=args.profile,
     )
     if plan.load_before > 0.5:

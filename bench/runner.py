@@ -29,6 +29,7 @@ class Plan:
     runtime: float
     image_dir: Path
     errors: list[str] = field(default_factory=list)
+    fresh_per_cell: bool = True
     profile_dir: Path | None = None  # py-spy every nbdserve cell into this directory
     load_before: float = field(default_factory=lambda: os.getloadavg()[0])
 
@@ -92,10 +93,12 @@ def measure(row: Row, server: Server, run: int, pid: int, ep: Endpoint, plan: Pl
 
 
 def run_all(plan: Plan, progress: Callable[[str], None]) -> list[Sample]:
-    """For each row, servers alternate run by run (A B C A B C …), each on a fresh start.
+    """Servers alternate (A B C A B C …) on the same image, each freshly started.
 
-    A fresh server per cell keeps one row's peak RSS or leftover state out of the next row's
-    figures; starting one costs well under a second.
+    With ``plan.fresh_per_cell`` every (row, run, server) gets its own server, so one row's
+    memory high-water mark or leftover state never reaches the next row's figures, and the
+    alternation is per row. Otherwise (``--quick``) each server is started once per run and
+    serves every row in turn: starting a Python server costs about a second.
     """
     workdir = Path(tempfile.mkdtemp(prefix="nbdserve-bench-", dir=plan.image_dir))
     samples: list[Sample] = []
@@ -106,38 +109,42 @@ def run_all(plan: Plan, progress: Callable[[str], None]) -> list[Sample]:
         fill_random(image, plan.size)
         if any(r.copy == "from-file" for r in plan.rows) or any(s.in_memory for s in plan.servers):
             shutil.copyfile(image, source)
-        for row in plan.rows:
-            for run in range(1, plan.runs + 1):
-                for server in plan.servers:
-                    if server.key in broken:
-                        continue
-                    sample = _cell(server, row, run, image, source, workdir, plan)
-                    if sample is None:
-                        broken.add(server.key)
-                        progress(f"ERROR {plan.errors[-1]} (skipping {server.label} from now on)")
-                        continue
-                    progress(_describe(sample, server, row, run, plan.runs))
-                    samples.append(sample)
+        batches = (
+            [([row], run) for row in plan.rows for run in range(1, plan.runs + 1)]
+            if plan.fresh_per_cell
+            else [(list(plan.rows), run) for run in range(1, plan.runs + 1)]
+        )
+        for rows, run in batches:
+            for server in plan.servers:
+                if server.key in broken:
+                    continue
+                try:
+                    _session(server, rows, run, image, source, workdir, plan, progress, samples)
+                except (ServerStartError, RuntimeError, subprocess.TimeoutExpired) as exc:
+                    broken.add(server.key)
+                    plan.errors.append(f"run {run}, {server.label}: {exc}")
+                    progress(f"ERROR {plan.errors[-1]} (skipping {server.label} from now on)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return samples
 
 
-def _cell(server: Server, row: Row, run: int, image: Path, source: Path, workdir: Path,
-          plan: Plan) -> Sample | None:  # fmt: skip
-    """One measurement on a freshly started server; None (and an error noted) if it would not
-    start or died under load."""
-    try:
-        with running(server, image, plan.size, workdir) as (proc, ep):
-            if server.in_memory:
-                _client(["nbdcopy", str(source), ep.uri], timeout=300)
+def _session(server: Server, rows: Sequence[Row], run: int, image: Path, source: Path,
+             workdir: Path, plan: Plan, progress: Callable[[str], None],
+             samples: list[Sample]) -> None:  # fmt: skip
+    """Start *server*, measure *rows* in order into *samples*, stop it.
+
+    Raises if the server will not start or dies; what it measured before stays in *samples*.
+    """
+    with running(server, image, plan.size, workdir) as (proc, ep):
+        if server.in_memory:
+            _client(["nbdcopy", str(source), ep.uri], timeout=300)
+        for row in rows:
             sample = measure(row, server, run, proc.pid, ep, plan, source)
             if proc.poll() is not None:
-                raise ServerStartError(f"died under load (status {proc.returncode})")
-            return sample
-    except (ServerStartError, RuntimeError, subprocess.TimeoutExpired) as exc:
-        plan.errors.append(f"{row.title}, run {run}, {server.label}: {exc}")
-        return None
+                raise ServerStartError(f"died during {row.title} (status {proc.returncode})")
+            progress(_describe(sample, server, row, run, plan.runs))
+            samples.append(sample)
 
 
 def _describe(s: Sample, server: Server, row: Row, run: int, runs: int) -> str:
@@ -185,6 +192,7 @@ def describe_machine(plan: Plan) -> dict[str, Any]:
             "nbdcopy": _version(["nbdcopy", "--version"]),
             "python": platform.python_version(),
         },
+        "fresh_per_cell": plan.fresh_per_cell,
         "profiled": plan.profile_dir is not None,
         "errors": plan.errors,
         "load_before": plan.load_before,

@@ -663,3 +663,48 @@ async def test_thread_pool_is_bounded() -> None:
     assert state["max"] == 2
     with pytest.raises(ValueError):
         threads.set_max_threads(0)
+
+
+# -- the event loop never waits for the disk ---------------------------------------------------
+async def test_a_slow_disk_does_not_stall_the_event_loop(
+    drv: FileDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blocking calls wait for something only another trio task can provide: if they ran
+    in the event loop's thread, that task could never run and they would time out."""
+    import threading
+
+    released = threading.Event()
+    blocked_in = []
+    real_preadv, real_pwritev, real_fallocate = os.preadv, os.pwritev, _file_sys.fallocate
+
+    def disk(real: Any) -> Any:
+        def slow(fd: int, *args: Any) -> Any:
+            flags = args[2] if len(args) > 2 and real is not real_fallocate else 0
+            if flags & os.RWF_NOWAIT:
+                raise BlockingIOError(errno.EAGAIN, "would block")
+            blocked_in.append(threading.current_thread() is threading.main_thread())
+            if not released.wait(10):
+                raise TimeoutError("the event loop was stalled")
+            return real(fd, *args)
+
+        return slow
+
+    monkeypatch.setattr(file, "_preadv", disk(real_preadv))
+    monkeypatch.setattr(file, "_pwritev", disk(real_pwritev))
+    monkeypatch.setattr(_file_sys, "fallocate", disk(real_fallocate))
+
+    async def request(fn: Any, *args: Any) -> None:
+        await fn(*args)
+
+    for fn, args in [
+        (drv.read, (0, 4096)),
+        (drv.write, (0, b"x" * 4096, ReqFlags.NONE)),
+        (drv.zero, (0, 4096, ReqFlags.NONE)),
+    ]:
+        released.clear()
+        assert drv.read_nowait(0, 4096) is None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request, fn, *args)
+            await trio.sleep(0)  # let the request start and block
+            released.set()  # only possible because the loop is free
+    assert blocked_in == [False, False, False]

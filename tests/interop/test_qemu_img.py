@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from tests.interop._server import ImageFactory, MiB, RunningServer, ServeFactory, Transport
@@ -94,3 +95,14 @@ def test_map_after_zero_write_never_claims_zero_for_data(
         for lo, hi in nonzero:
             if start < hi and end > lo:
                 assert not entry["zero"], (entry, entries)
+
+
+def test_qemu_nbd_list_client(serve: ServeFactory, image: Path) -> None:
+    # qemu-nbd -L is qemu's own listing client: OPT_LIST, OPT_INFO and meta-context listing.
+    server = serve("-f", "raw", "-A", "-D", "listed by qemu", str(image), export_name="disk")
+    assert server.socket_path is not None
+    out = run(["qemu-nbd", "-L", "-k", str(server.socket_path)], server=server).stdout
+    assert "exports available: 1" in out, out
+    assert "export: 'disk'" in out and "description: listed by qemu" in out, out
+    assert re.search(rf"size:\s+{16 * MiB}\b", out), out
+    assert "base:allocation" in out and "qemu:allocation-depth" in out, out

@@ -129,12 +129,16 @@ def chart(
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(shown)), 4.5))
     width = 0.8 / len(ours)
     for i, server in enumerate(ours):
-        values = [
-            (lookup[r.key, server.key].vs_fastest or 0.0) if (r.key, server.key) in lookup else 0.0
-            for r in shown
-        ]
+        found = [lookup.get((r.key, server.key)) for r in shown]
+        values = [x.vs_fastest if x and x.vs_fastest is not None else 0.0 for x in found]
         xs = [j + (i - (len(ours) - 1) / 2) * width for j in range(len(shown))]
-        ax.bar(xs, values, width, label=server.label)
+        bars = ax.bar(xs, values, width, label=server.label)
+        # A missing figure (failed cell) is labelled, so it does not read as "zero speed".
+        labels = [
+            f"{v:.2f}" if x and x.vs_fastest is not None else "n/a"
+            for x, v in zip(found, values, strict=True)
+        ]
+        ax.bar_label(bars, labels=labels, fontsize=6, rotation=90, padding=2)
     ax.axhline(1.0, color="black", linewidth=1)
     ax.set_xticks(range(len(shown)))
     ax.set_xticklabels([r.title for r in shown], rotation=30, ha="right", fontsize=8)

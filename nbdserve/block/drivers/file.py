@@ -11,7 +11,7 @@ Options (besides the generic ``read-only``, ``cache.direct``, ``cache.no-flush``
 (data not cached, writeback would block), in which case the request goes to the bounded
 thread pool of :mod:`nbdserve.block.threads`. Python offers neither Linux AIO nor io_uring, so
 ``aio=native`` and ``aio=io_uring`` are accepted for configurations written for QEMU and are
-served by this same engine; the node reports ``aio_engine == "threads"``. Some filesystems
+served by this same engine; the driver reports ``aio_engine == "threads"``. Some filesystems
 (ext4 and tmpfs in Linux 6.x, for example) refuse ``RWF_NOWAIT`` on buffered writes; then
 every write goes through the thread pool (the driver notices once and stops trying). With
 ``cache.direct=on`` (O_DIRECT) nothing waits in the event loop: a direct transfer always

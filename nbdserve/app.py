@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import shutil
 import signal
@@ -53,6 +54,25 @@ def open_listeners(config: ServerConfig, private_dir: str | None) -> list[Listen
     return [open_unix(os.path.join(private_dir, "nbd.sock"))]
 
 
+def _warn_if_exposed(listeners: Sequence[Listener], config: ServerConfig) -> None:
+    """Anyone who can reach a non-loopback address can write a writable export in
+    plaintext: say so at start."""
+    if config.tls != "off" or not any(e.writable for e in config.exports):
+        return
+    for listener in listeners:
+        if listener.kind != "tcp":
+            continue
+        host = listener.address.rpartition(":")[0].strip("[]")
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            get_logger().warning("writable export on a non-loopback address without TLS: "
+                                 "any client that can reach it can change the data",
+                                 address=listener.address)
+
+
 def write_pid_file(path: str) -> None:
     temp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -93,6 +113,7 @@ async def serve_config(config: ServerConfig, warnings: Sequence[str] = ()) -> in
         if config.run is not None and config.listen == type(config.listen)():
             private_dir = tempfile.mkdtemp(prefix="nbdserve-")
         listeners = open_listeners(config, private_dir)
+        _warn_if_exposed(listeners, config)
         status = 0
         captive = trio.CancelScope()
         async with trio.open_nursery() as nursery:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
 NBDSERVE = [sys.executable, "-m", "nbdserve"]
 #: libnbd's Python module only exists for Debian's interpreter.
@@ -143,3 +144,24 @@ def test_snapshot_mode_never_modifies_the_image(tmp_path: Path) -> None:
              and "wrote" not in line and "ops" not in line]
     # The write landed in the overlay (depth 1); the rest is read from the image (depth 2).
     assert ["65536", "65536", "1"] in depth and ["0", "65536", "2"] in depth
+
+
+async def test_stdin_mode_over_pipes() -> None:
+    # Pipes, not a socket: the stream transport carries the connection.
+    from .nbdclient import NBDClient
+
+    proc = await trio.lowlevel.open_process(
+        [*NBDSERVE, "--stdin", "memory:1M"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        stream = trio.StapledStream(proc.stdin, proc.stdout)
+        with trio.fail_after(30):
+            client = await NBDClient.handshake(stream)
+            await client.write(512, b"through a pipe")
+            assert await client.read(512, 14) == b"through a pipe"
+            await client.disconnect()
+            assert await proc.wait() == 0
+    finally:
+        proc.kill()
+        await proc.wait()

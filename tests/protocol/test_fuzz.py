@@ -35,6 +35,8 @@ from .helpers import ALL_CAPS, default_catalogue
 MAX_OPTION = 2048
 MAX_PAYLOAD = 4096
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Structured inputs reach deep code in few examples, and each one costs more to generate.
+FUZZ_SHAPED = settings(FUZZ, max_examples=80)
 
 
 def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -92,7 +94,7 @@ _option = st.builds(
 )  # fmt: skip
 
 
-@FUZZ
+@FUZZ_SHAPED
 @given(flags=st.sampled_from([0, 1, 2, 3, 7]), options=st.lists(_option, max_size=12),
        tail=st.binary(max_size=40), cuts=st.lists(st.integers(0, 4000), max_size=6),
        eof=st.booleans(), tls=st.sampled_from(TLSMode))  # fmt: skip
@@ -161,7 +163,7 @@ _request = st.builds(
 )
 
 
-@FUZZ
+@FUZZ_SHAPED
 @given(requests=st.lists(_request, max_size=10), cuts=st.lists(st.integers(0, 9000), max_size=6),
        eof=st.booleans(), mode=_modes)  # fmt: skip
 def test_transmission_request_shaped_bytes(

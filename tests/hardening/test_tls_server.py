@@ -8,9 +8,14 @@ certificate's CN or its full DN as qemu prints it).
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import ssl
+import struct
 import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,16 +23,46 @@ import pytest
 from . import _libnbd as libnbd
 from . import _nbdraw as nbd
 from ._certs import CLIENT_CN, CLIENT_O, Creds
-from ._server import NBDSERVE, env
-from .conftest import Serve
+from ._server import NBDSERVE, Server, env
+from .conftest import MiB, Serve, Servers
 
 pytestmark = pytest.mark.usefixtures("nbdserve_only")
 
 REP_MAGIC_BYTES = nbd.REP_MAGIC.to_bytes(8, "big")
 
 
-def _tls_server(serve: Serve, creds: Creds, image: Path, *extra: str) -> Path:
-    return serve("--tls-creds", str(creds.server), *extra, "-f", "raw", str(image)).sock
+TLSServer = Callable[..., Path]
+
+
+@pytest.fixture(scope="module")
+def tls_server(
+    tmp_path_factory: pytest.TempPathFactory, creds: Creds, module_image: Path
+) -> Iterator[TLSServer]:
+    """``tls_server(*extra_flags)``: the socket of a server with ``--tls-creds`` and those
+    flags, started on first use and shared by the module's tests (starts cost ~1.5 s)."""
+    sockdir = Path(tempfile.mkdtemp(prefix="nbdh-"))
+    servers = Servers(tmp_path_factory.mktemp("tls"), sockdir)
+    started: dict[tuple[str, ...], Server] = {}
+
+    def get(*extra: str) -> Path:
+        if extra not in started:
+            # Images are locked by their server: the default configuration gets the module's
+            # image (which tests inspect), others a fresh one each.
+            image = module_image
+            if extra:
+                image = servers.logdir / f"disk{len(started)}.img"
+                image.write_bytes(b"")
+                os.truncate(image, 64 * MiB)
+            started[extra] = servers(
+                "--tls-creds", str(creds.server), *extra, "-f", "raw", str(image)
+            )
+        server = started[extra]
+        assert server.alive(), f"server died:\n{server.log_tail()}"
+        return server.sock
+
+    yield get
+    servers.finish()
+    shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def _starttls(s: nbd.Sock, creds_dir: Path) -> ssl.SSLSocket:
@@ -41,18 +76,20 @@ def _starttls(s: nbd.Sock, creds_dir: Path) -> ssl.SSLSocket:
 # Real clients.
 
 
-def test_libnbd_reads_and_writes_over_tls(serve: Serve, creds: Creds, image: Path) -> None:
-    sock = _tls_server(serve, creds, image)
+def test_libnbd_reads_and_writes_over_tls(
+    tls_server: TLSServer, creds: Creds, module_image: Path
+) -> None:
+    sock = tls_server()
     out = libnbd.check(
         libnbd.CONNECT_TLS + libnbd.READ_WRITE, sock=str(sock), certs=str(creds.client),
         tls="require",
     )  # fmt: skip
     assert out.strip() == "tls"
-    assert image.read_bytes()[65536 : 65536 + 65536] == bytes(range(256)) * 256
+    assert module_image.read_bytes()[65536 : 65536 + 65536] == bytes(range(256)) * 256
 
 
-def test_creds_alone_mean_tls_required(serve: Serve, creds: Creds, image: Path) -> None:
-    sock = _tls_server(serve, creds, image)
+def test_creds_alone_mean_tls_required(tls_server: TLSServer, creds: Creds) -> None:
+    sock = tls_server()
     out = libnbd.check(libnbd.MUST_FAIL, sock=str(sock), certs=None, tls="disable")
     assert "refused" in out
     # A client that merely allows TLS upgrades and gets through.
@@ -63,8 +100,8 @@ def test_creds_alone_mean_tls_required(serve: Serve, creds: Creds, image: Path) 
     assert out.strip() == "tls"
 
 
-def test_tls_on_serves_plaintext_and_tls_clients(serve: Serve, creds: Creds, image: Path) -> None:
-    sock = _tls_server(serve, creds, image, "--tls", "on")
+def test_tls_on_serves_plaintext_and_tls_clients(tls_server: TLSServer, creds: Creds) -> None:
+    sock = tls_server("--tls", "on")
     for tls, want in (("disable", "plain"), ("require", "tls")):
         out = libnbd.check(
             libnbd.CONNECT_TLS + libnbd.READ_WRITE, sock=str(sock), certs=str(creds.client),
@@ -81,8 +118,10 @@ def _qemu_tls(creds_dir: Path, sock: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def test_qemu_img_and_qemu_io_over_tls(serve: Serve, creds: Creds, image: Path) -> None:
-    sock = _tls_server(serve, creds, image)
+def test_qemu_img_and_qemu_io_over_tls(
+    tls_server: TLSServer, creds: Creds, module_image: Path
+) -> None:
+    sock = tls_server()
     info = subprocess.run(
         ["qemu-img", "info", "--output=json", *_qemu_tls(creds.client, sock)],
         capture_output=True, text=True, timeout=60,
@@ -95,14 +134,14 @@ def test_qemu_img_and_qemu_io_over_tls(serve: Serve, creds: Creds, image: Path) 
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert io.returncode == 0 and "Pattern verification failed" not in io.stdout, io
-    assert image.read_bytes()[1 << 20 : (1 << 20) + 262144] == b"\x5a" * 262144
+    assert module_image.read_bytes()[1 << 20 : (1 << 20) + 262144] == b"\x5a" * 262144
 
 
 @pytest.mark.parametrize("who", ["client_nocert", "client_otherca"])
 def test_client_without_a_trusted_certificate_is_refused(
-    serve: Serve, creds: Creds, image: Path, who: str
+    tls_server: TLSServer, creds: Creds, who: str
 ) -> None:
-    sock = _tls_server(serve, creds, image)
+    sock = tls_server()
     certs = getattr(creds, who)
     libnbd.check(libnbd.MUST_FAIL, sock=str(sock), certs=str(certs), tls="require")
     qemu = subprocess.run(
@@ -114,9 +153,9 @@ def test_client_without_a_trusted_certificate_is_refused(
 
 
 def test_verify_peer_off_accepts_a_client_without_certificate(
-    serve: Serve, creds: Creds, image: Path
+    tls_server: TLSServer, creds: Creds
 ) -> None:
-    sock = _tls_server(serve, creds, image, "--tls-verify-peer", "off")
+    sock = tls_server("--tls-verify-peer", "off")
     out = libnbd.check(
         libnbd.CONNECT_TLS + libnbd.READ_WRITE, sock=str(sock), certs=str(creds.client_nocert),
         tls="require",
@@ -127,15 +166,14 @@ def test_verify_peer_off_accepts_a_client_without_certificate(
 @pytest.mark.parametrize(
     ("allowed", "ok"),
     [
-        (["bob"], False),
+        (["bob", f"CN={CLIENT_CN}"], False),  # a partial DN is not the DN
         (["bob", CLIENT_CN], True),
         ([f"O={CLIENT_O},CN={CLIENT_CN}"], True),
-        ([f"CN={CLIENT_CN}"], False),
     ],
 )
-def test_tls_authz(serve: Serve, creds: Creds, image: Path, allowed: list[str], ok: bool) -> None:
+def test_tls_authz(tls_server: TLSServer, creds: Creds, allowed: list[str], ok: bool) -> None:
     authz = [arg for name in allowed for arg in ("--tls-authz", name)]
-    sock = _tls_server(serve, creds, image, *authz)
+    sock = tls_server(*authz)
     script = libnbd.CONNECT_TLS + libnbd.READ_WRITE if ok else libnbd.MUST_FAIL
     out = libnbd.check(script, sock=str(sock), certs=str(creds.client), tls="require")
     assert out.strip() == "tls" if ok else out.startswith("refused")
@@ -153,10 +191,8 @@ OPTIONS_BEFORE_TLS = [
 ]
 
 
-def test_every_option_before_starttls_gets_tls_reqd(
-    serve: Serve, creds: Creds, image: Path
-) -> None:
-    sock = _tls_server(serve, creds, image)
+def test_every_option_before_starttls_gets_tls_reqd(tls_server: TLSServer, creds: Creds) -> None:
+    sock = tls_server()
     with nbd.connect(sock) as s:
         nbd.greeting(s)
         s.sendall(nbd.client_flags())
@@ -175,8 +211,8 @@ def test_every_option_before_starttls_gets_tls_reqd(
         assert nbd.read_reply_of(t, 0, 4096).error == 0
 
 
-def test_abort_before_starttls_still_works(serve: Serve, creds: Creds, image: Path) -> None:
-    sock = _tls_server(serve, creds, image)
+def test_abort_before_starttls_still_works(tls_server: TLSServer, creds: Creds) -> None:
+    sock = tls_server()
     with nbd.connect(sock) as s:
         nbd.greeting(s)
         s.sendall(nbd.client_flags() + nbd.option(nbd.OPT_ABORT))
@@ -184,16 +220,16 @@ def test_abort_before_starttls_still_works(serve: Serve, creds: Creds, image: Pa
         assert nbd.wait_closed(s, timeout=5) == b""
 
 
-def test_export_name_before_starttls_disconnects(serve: Serve, creds: Creds, image: Path) -> None:
-    sock = _tls_server(serve, creds, image)
+def test_export_name_before_starttls_disconnects(tls_server: TLSServer, creds: Creds) -> None:
+    sock = tls_server()
     with nbd.connect(sock) as s:
         nbd.greeting(s)
         s.sendall(nbd.client_flags() + nbd.option(nbd.OPT_EXPORT_NAME, b""))
         assert nbd.wait_closed(s, timeout=5) == b""
 
 
-def test_starttls_with_data_or_twice_is_invalid(serve: Serve, creds: Creds, image: Path) -> None:
-    sock = _tls_server(serve, creds, image)
+def test_starttls_with_data_or_twice_is_invalid(tls_server: TLSServer, creds: Creds) -> None:
+    sock = tls_server()
     with nbd.connect(sock) as s:
         nbd.greeting(s)
         s.sendall(nbd.client_flags() + nbd.option(nbd.OPT_STARTTLS, b"x"))
@@ -214,12 +250,10 @@ def test_starttls_refused_when_tls_is_off(serve: Serve, image: Path) -> None:
         nbd.negotiate(s)
 
 
-def test_nothing_negotiated_before_starttls_survives(
-    serve: Serve, creds: Creds, image: Path
-) -> None:
+def test_nothing_negotiated_before_starttls_survives(tls_server: TLSServer, creds: Creds) -> None:
     # nbdkit CVE-2021-3716: a plaintext STRUCTURED_REPLY (injectable by a man in the middle)
     # stayed in effect inside the TLS session.
-    sock = _tls_server(serve, creds, image, "--tls", "on")
+    sock = tls_server("--tls", "on")
     with nbd.connect(sock) as s:
         nbd.greeting(s)
         s.sendall(nbd.client_flags() + nbd.option(nbd.OPT_STRUCTURED_REPLY))
@@ -238,24 +272,25 @@ def test_nothing_negotiated_before_starttls_survives(
 
 
 def test_plaintext_sent_after_starttls_is_never_acted_on(
-    serve: Serve, creds: Creds, image: Path
+    tls_server: TLSServer, creds: Creds
 ) -> None:
-    sock = _tls_server(serve, creds, image)
+    sock = tls_server()
     with nbd.connect(sock) as s:
         nbd.greeting(s)
-        # STARTTLS and, in the same segment, a plaintext GO the server must not answer.
+        # STARTTLS and, in the same segment, a plaintext GO the server must not answer. It
+        # may ACK the STARTTLS and then fail the TLS handshake, or hang up at once.
         s.sendall(
             nbd.client_flags() + nbd.option(nbd.OPT_STARTTLS) + nbd.option(nbd.OPT_GO, b"\0" * 6)
         )
-        assert nbd.read_final_reply(s)[1].type == nbd.REP_ACK
-        rest = nbd.wait_closed(s, timeout=5)
-        assert REP_MAGIC_BYTES not in rest
+        got = nbd.wait_closed(s, timeout=5)
+        ack = REP_MAGIC_BYTES + struct.pack(">III", nbd.OPT_STARTTLS, nbd.REP_ACK, 0)
+        if got.startswith(ack):
+            got = got[len(ack) :]
+        assert REP_MAGIC_BYTES not in got
 
 
-def test_failed_tls_handshake_does_not_hurt_the_server(
-    serve: Serve, creds: Creds, image: Path
-) -> None:
-    sock = _tls_server(serve, creds, image)
+def test_failed_tls_handshake_does_not_hurt_the_server(tls_server: TLSServer, creds: Creds) -> None:
+    sock = tls_server()
     for junk in (b"", b"\x16\x03\x01\x00\x05hello", b"GET / HTTP/1.0\r\n\r\n" * 10):
         with nbd.connect(sock) as s:
             nbd.greeting(s)

@@ -40,6 +40,7 @@ from protocol import (
     Session,
     StartTLS,
     TLSMode,
+    TransmissionFlag,
 )
 
 from .commands import HANDLERS, SPARSE_READ_MIN, CommandContext
@@ -135,7 +136,10 @@ class Connection:
         fields: dict[str, Any] = self.stats.summary()
         session = self.session
         if session is not None:
-            fields.update(export=session.export.name, structured=session.structured,
+            flags = [f.name.lower() for f in TransmissionFlag
+                     if f in session.flags and f.name is not None]
+            fields.update(export=session.export.name, flags=flags,
+                          structured=session.structured,
                           extended=session.extended, contexts=sorted(session.contexts.values()),
                           tls=session.tls)
         self._log.info("connection closed", reason=self.end_reason, **fields)

@@ -6,7 +6,7 @@ limits (``child.caps``, ``child.limits``), so nothing is promised that the graph
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from protocol import ExportInfo, TransmissionFlag
@@ -93,7 +93,7 @@ class Catalogue:
             export = self._exports[0]
         return export
 
-    def __iter__(self) -> Iterable[Export]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Export]:
         return iter(self._exports)
 
 

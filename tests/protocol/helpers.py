@@ -99,53 +99,48 @@ class HandshakePair:
             self.client.receive_data(piece)
 
     def pump(self) -> None:
-        """Move bytes both ways until neither side has anything left to say."""
-        progress = True
-        while progress:
-            progress = False
-            if self.client_ready is None:
-                while True:
-                    ev = self.client.next_event()
-                    if ev is NEED_DATA or isinstance(ev, Closed):
-                        break
-                    self.client_events.append(ev)
-                    progress = True
-                    if isinstance(ev, Ready):
-                        self.client_ready = ev
-                        break
-            out = self.client.data_to_send()
-            if out and not self.server_done:
-                for piece in self._split(out):
-                    self.server.receive_data(piece)
-            while not self.server_done:
-                sev = self.server.next_event()
-                reply = self.server.data_to_send()
-                if reply:
-                    self._feed_client(reply)
-                    progress = True
-                if sev is NEED_DATA:
-                    break
-                self.server_events.append(sev)
-                progress = True
-                if isinstance(sev, StartTLS):
-                    # In memory the "TLS" stream is the same pipe; both sides reset.
-                    self.client_tls()
-                    self.server.tls_established()
-                if isinstance(sev, Ready):
-                    self.server_ready = sev
-                if isinstance(sev, Aborted | Closed | Ready):
-                    self.server_done = True
-                else:
-                    assert isinstance(sev, OptionHandled | StartTLS)
+        """Move bytes both ways until neither side has anything left to say.
 
-    def client_tls(self) -> None:
-        # The client learns of the ACK when it reads it; drain its events first.
+        With ``chunk`` set, every piece is followed by draining the receiver's events, so
+        each object really works from partial input.
+        """
         while True:
-            ev = self.client.next_event()
+            out = self.client.data_to_send()
+            if not out or self.server_done:
+                return
+            for piece in self._split(out):
+                self.server.receive_data(piece)
+                self._drain_server()
+
+    def _drain_server(self) -> None:
+        while not self.server_done:
+            ev = self.server.next_event()
+            reply = self.server.data_to_send()
+            for piece in self._split(reply):
+                self.client.receive_data(piece)
+                self._drain_client()
             if ev is NEED_DATA:
-                break
+                return
+            self.server_events.append(ev)
+            if isinstance(ev, StartTLS):
+                # In memory the "TLS" stream is the same pipe; both sides reset.
+                self.client.tls_established()
+                self.server.tls_established()
+            elif isinstance(ev, Ready):
+                self.server_ready = ev
+            if isinstance(ev, Aborted | Closed | Ready):
+                self.server_done = True
+            else:
+                assert isinstance(ev, OptionHandled | StartTLS)
+
+    def _drain_client(self) -> None:
+        while self.client_ready is None:
+            ev = self.client.next_event()
+            if ev is NEED_DATA or isinstance(ev, Closed):
+                return
             self.client_events.append(ev)
-        self.client.tls_established()
+            if isinstance(ev, Ready):
+                self.client_ready = ev
 
     def transmission(
         self, max_payload: int = 32 * 1024 * 1024

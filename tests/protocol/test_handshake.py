@@ -602,3 +602,33 @@ def test_client_greeting_event() -> None:
     out = client.data_to_send()
     assert out[:4] == b"\0\0\0\3"  # client flags go out before the queued option
     assert out[4:12] == b"IHAVEOPT"
+
+
+# -- byte at a time -----------------------------------------------------------------------------
+
+
+def _script(pair: HandshakePair) -> None:
+    pair.client.list_exports()
+    pair.client.send_option(42, b"junk")
+    pair.client.structured_reply()
+    pair.client.list_meta_context("disk", ["qemu:"])
+    pair.client.set_meta_context("disk", ["base:allocation", "qemu:dirty-bitmap:b0"])
+    pair.client.info("ro", [Info.NAME])
+    pair.client.info("missing")
+    pair.client.go("disk", [Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE])
+
+
+@pytest.mark.parametrize("tls", [TLSMode.OFF, TLSMode.ON])
+def test_byte_at_a_time_equals_one_buffer(tls: TLSMode) -> None:
+    whole, trickle = HandshakePair(tls=tls), HandshakePair(tls=tls, chunk=1)
+    for pair in (whole, trickle):
+        if tls is TLSMode.ON:
+            pair.client.starttls()
+            pair.pump()
+        _script(pair)
+        pair.pump()
+    assert trickle.server_events == whole.server_events
+    assert trickle.client_events == whole.client_events
+    assert whole.server_ready is not None and whole.client_ready is not None
+    assert whole.server_ready.session.tls == (tls is TLSMode.ON)
+    assert len(whole.server_events) == 8 + (tls is TLSMode.ON)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from construct import Construct, ConstructError
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import (
@@ -142,6 +142,7 @@ FAST = [
 @pytest.mark.parametrize(
     "case", FAST, ids=["Request", "ExtendedRequest", "SimpleReply", "ChunkHeader", "ExtendedChunk"]
 )
+@settings(deadline=None)  # timing never decides a test
 @given(data=st.data())
 def test_fast_paths_identical(case: tuple[Any, ...], data: st.DataObject) -> None:
     schema, compiled, fast, magic, names, strategies = case
@@ -156,6 +157,7 @@ def test_fast_paths_identical(case: tuple[Any, ...], data: st.DataObject) -> Non
     assert fast.unpack(built) == (magic, *values)
 
 
+@settings(deadline=None)  # timing never decides a test
 @given(offset=u64, length=u32, cookie=u64, flags=u16, kind=u16)
 def test_combined_fast_paths_identical(
     offset: int, length: int, cookie: int, flags: int, kind: int
@@ -181,6 +183,7 @@ def test_combined_fast_paths_identical(
     )
 
 
+@settings(deadline=None)  # timing never decides a test
 @given(raw=st.binary(min_size=28, max_size=28))
 def test_compiled_parse_agrees_on_arbitrary_headers(raw: bytes) -> None:
     # Interpreted and compiled either both parse to the same values or both reject the magic.
@@ -198,6 +201,7 @@ BLOCK_STATUS_EXT_COMPILED = wire.BlockStatusExt.compile()
 ERROR_CHUNK_COMPILED = wire.ErrorChunk.compile()
 
 
+@settings(deadline=None)  # timing never decides a test
 @given(
     context_id=u32,
     extents=st.lists(st.tuples(u64, u64), min_size=1, max_size=5),

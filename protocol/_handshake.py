@@ -129,6 +129,7 @@ class ServerHandshake:
         self._no_zeroes = False
         self._fixed = False
         self._tls = False
+        self._shutting_down = False
         self._reset_negotiated()
         self._handlers: dict[int, Callable[[bytes], Any]] = {
             Opt.EXPORT_NAME: self._opt_export_name,
@@ -193,6 +194,14 @@ class ServerHandshake:
             self._state = _State.ERROR
             raise
 
+    def shutting_down(self) -> None:
+        """The server is stopping: every later option but ABORT gets ERR_SHUTDOWN.
+
+        The client is expected to give up (ABORT or close); the caller should still bound
+        how long it waits.
+        """
+        self._shutting_down = True
+
     def tls_established(self) -> None:
         """The stream is now TLS: reset the negotiated state and accept options again."""
         if self._state is not _State.TLS_PENDING:
@@ -252,6 +261,10 @@ class ServerHandshake:
         except ValueError:
             opt = option
         try:
+            if self._shutting_down and opt is not Opt.ABORT:
+                if opt is Opt.EXPORT_NAME:  # no error path exists for it
+                    raise RemoteProtocolError("EXPORT_NAME while the server shuts down")
+                raise _OptionError(Rep.ERR_SHUTDOWN, "the server is shutting down")
             if (
                 self.tls_mode is TLSMode.REQUIRE
                 and not self._tls

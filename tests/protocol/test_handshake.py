@@ -632,3 +632,22 @@ def test_byte_at_a_time_equals_one_buffer(tls: TLSMode) -> None:
     assert whole.server_ready is not None and whole.client_ready is not None
     assert whole.server_ready.session.tls == (tls is TLSMode.ON)
     assert len(whole.server_events) == 8 + (tls is TLSMode.ON)
+
+
+def test_shutting_down() -> None:
+    pair = HandshakePair()
+    pair.client.list_exports()
+    pair.pump()
+    pair.server.shutting_down()
+    pair.client.go("disk")
+    pair.client.abort()
+    pair.pump()
+    assert [(e.option, e.reply) for e in of_type(pair.client_events, OptionError)] == [
+        (Opt.GO, Rep.ERR_SHUTDOWN)
+    ]
+    assert pair.server_events[-1] == Aborted()
+    pair = HandshakePair()
+    pair.server.shutting_down()
+    pair.client.export_name("disk")
+    with pytest.raises(RemoteProtocolError, match="shuts down"):
+        pair.pump()

@@ -108,7 +108,10 @@ async def serve_config(config: ServerConfig, warnings: Sequence[str] = ()) -> in
                         handshake_timeout=config.handshake_timeout,
                         max_in_flight=config.max_in_flight, **_tls_options(config))
         if config.listen.stdin:
-            await server.serve_transport(stdio_transport())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_signals, server, trio.CancelScope())
+                await server.serve_transport(stdio_transport())
+                nursery.cancel_scope.cancel()
             return 0
         if config.run is not None and config.listen == type(config.listen)():
             private_dir = tempfile.mkdtemp(prefix="nbdserve-")

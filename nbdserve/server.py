@@ -85,7 +85,8 @@ class Server:
         """Serve one already-connected client (``--stdin``), then return."""
         try:
             with self._connections_scope:
-                await self._handle(transport, None)
+                if not self._shutting_down:
+                    await self._handle(transport, None)
         finally:
             self.closed.set()
 

@@ -2,6 +2,30 @@
 
 Everything public is re-exported here; the ``_*`` modules are private. The package does no
 I/O and imports only the standard library and ``construct``.
+
+Server side, in two phases handed over with the bytes already received::
+
+    hs = ServerHandshake(catalogue, tls=TLSMode.OFF)
+    send(hs.initiate())
+    while not isinstance(ev := hs.next_event(), Ready | Aborted | Closed):
+        send(hs.data_to_send())                 # every option reply is queued
+        if ev is NEED_DATA:
+            hs.receive_data(recv())             # b"" = EOF
+        elif isinstance(ev, StartTLS):
+            wrap_in_tls(); hs.tls_established()
+    send(hs.data_to_send())
+    tx = ServerTransmission(ev.session, leftover=ev.leftover)
+    ev = tx.next_event()                        # Request | Disconnect | Closed | NEED_DATA
+    if ev.error is not None: sendmsg([tx.reply(ev)])         # validation failed
+    elif ev.cmd is Cmd.READ: sendmsg(tx.reply_read(ev, data))  # data is not copied
+
+Errors say whose fault they are: :class:`RemoteProtocolError` means the peer broke the
+protocol and the connection must be dropped (after sending what ``data_to_send()`` holds);
+everything the peer can be told about is an option error reply or a ``Request.error``.
+:class:`ClientHandshake` and :class:`ClientTransmission` mirror the server for tests and
+benchmarks. Limits: :data:`DEFAULT_MAX_OPTION_LENGTH`, :data:`DEFAULT_MAX_OPTIONS`,
+:data:`MAX_STRING`, :data:`DEFAULT_MAX_PAYLOAD`, :data:`MAX_ERROR_MESSAGE`,
+:data:`MAX_EXTENTS`.
 """
 
 from ._client import MAX_OPTION_REPLY, ClientHandshake

@@ -22,6 +22,7 @@ from protocol import (
     LocalProtocolError,
     ReadData,
     ReadHole,
+    Ready,
     RemoteProtocolError,
     ReplyDone,
     Request,
@@ -654,3 +655,24 @@ def test_client_misuse() -> None:
     client.send(Request(3, Cmd.DISC))
     with pytest.raises(LocalProtocolError):
         client.send(Request(4, Cmd.FLUSH))
+
+
+def test_requests_pipelined_behind_go_reach_the_transmission() -> None:
+    # A client may send its first requests right behind GO; the handshake hands them over.
+    pair = HandshakePair()
+    pair.client.go("disk")
+    head = pair.client.data_to_send()
+    early = Session(ExportInfo("disk", 1 << 20), TransmissionFlag.HAS_FLAGS)
+    requests = [Request(1, Cmd.READ, length=512), Request(2, Cmd.FLUSH)]
+    body = b"".join(bytes(b) for r in requests for b in ClientTransmission(early).send(r))
+    for i in range(0, len(head + body), 7):  # in awkward pieces
+        pair.server.receive_data((head + body)[i : i + 7])
+    while not isinstance(ev := pair.server.next_event(), Ready):
+        assert ev is not NEED_DATA
+    tx = ServerTransmission(ev.session, leftover=ev.leftover)
+    got = [tx.next_event(), tx.next_event(), tx.next_event()]
+    assert [(r.cookie, r.cmd) for r in got[:2] if isinstance(r, Request)] == [
+        (1, Cmd.READ),
+        (2, Cmd.FLUSH),
+    ]
+    assert got[2] is NEED_DATA

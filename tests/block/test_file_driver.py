@@ -708,3 +708,30 @@ async def test_a_slow_disk_does_not_stall_the_event_loop(
             await trio.sleep(0)  # let the request start and block
             released.set()  # only possible because the loop is free
     assert blocked_in == [False, False, False]
+
+
+async def test_block_status_remembers_the_last_data_extent(
+    drv: FileDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seeks = []
+    real = os.lseek
+
+    def counting(fd: int, pos: int, how: int) -> int:
+        seeks.append(how)
+        return real(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", counting)
+    first = await drv.block_status(0, 4096)
+    n = len(seeks)
+    for offset in range(4096, 65536, 4096):  # walking the data extent: no more lseek
+        e = await drv.block_status(offset, 4096)
+        assert (e.length, e.status) == (65536 - offset, first.status)
+    assert len(seeks) == n
+    await drv.discard(16384, 16384)  # forgets: the answer must change
+    e = await drv.block_status(16384, 4096)
+    assert e.status == Status.ZERO | Status.OFFSET_VALID and e.length == 16384
+    e = await drv.block_status(4096, 4096)
+    assert (e.length, e.status) == (12288, Status.DATA | Status.OFFSET_VALID)
+    await drv.zero(0, 65536, ReqFlags.MAY_UNMAP)
+    e = await drv.block_status(0, 4096)
+    assert e.status == Status.ZERO | Status.OFFSET_VALID

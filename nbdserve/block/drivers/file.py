@@ -35,7 +35,10 @@ filesystem that can't, the node has no discard callback at all.
 
 **Block status** comes from ``lseek(SEEK_DATA/SEEK_HOLE)``: data is DATA, holes are ZERO,
 both OFFSET_VALID with this node as the file. Block devices (and filesystems without
-SEEK_DATA) report everything as data.
+SEEK_DATA) report everything as data. As in QEMU, the last data extent found is remembered,
+so walking a large data region costs no further ``lseek`` (slow on some filesystems); zero,
+discard and truncate forget it. Only data is remembered: a stale entry can only claim
+"data" for what reads as zeros, never the reverse.
 
 **O_DIRECT** needs requests aligned to the device's logical block: probed at open with the
 block-size ioctl on devices and with trial reads of 1, 512, ... 4096 bytes on files (a read
@@ -129,6 +132,8 @@ class FileDriver(Driver):
         self._can_punch = False
         self._can_zero_range = False
         self._seek_data = True
+        #: [start, end) last found to be data: repeated queries skip lseek (see block_status).
+        self._known_data = (0, 0)
         self._flush_error: OSError | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -350,7 +355,11 @@ class FileDriver(Driver):
 
     # -- zero, discard ----------------------------------------------------------------------
     async def zero(self, offset: int, length: int, flags: ReqFlags) -> None:
-        await threads.run_sync(self._zero, offset, length, flags)
+        self._known_data = (0, 0)
+        try:
+            await threads.run_sync(self._zero, offset, length, flags)
+        finally:
+            self._known_data = (0, 0)  # a query racing with us may have cached the old map
 
     def _zero(self, offset: int, length: int, flags: ReqFlags) -> None:
         unmap = flags & ReqFlags.MAY_UNMAP
@@ -388,6 +397,13 @@ class FileDriver(Driver):
         return True
 
     async def discard(self, offset: int, length: int) -> None:
+        self._known_data = (0, 0)
+        try:
+            await self._discard(offset, length)
+        finally:
+            self._known_data = (0, 0)
+
+    async def _discard(self, offset: int, length: int) -> None:
         if self.is_block_device:
             # BLKDISCARD takes whole sectors; a discard may always do less than asked.
             mask = self._align - 1
@@ -427,8 +443,10 @@ class FileDriver(Driver):
     async def truncate(self, length: int) -> None:
         if self.is_block_device:
             raise OSError(errno.ENOTSUP, f"'{self.filename}': a block device cannot be resized")
+        self._known_data = (0, 0)
         await threads.run_sync(os.ftruncate, self.fd, length)
         self._size = length
+        self._known_data = (0, 0)
 
     # -- block status -----------------------------------------------------------------------
     async def block_status(self, offset: int, length: int) -> Extent:
@@ -436,6 +454,9 @@ class FileDriver(Driver):
         node = self.node
         if self.is_block_device or not self._seek_data:
             return Extent(length, _DATA, offset, node)
+        start, end = self._known_data
+        if start <= offset < end:
+            return Extent(end - offset, _DATA, offset, node)
         align = self._align
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
@@ -461,4 +482,6 @@ class FileDriver(Driver):
             # Someone punched a hole between the two calls: data is the safe answer.
             return Extent(length, _DATA, offset, node)
         run = hole - offset
-        return Extent(run + -run % align, _DATA, offset, node)  # round up an unaligned EOF
+        run += -run % align  # round up an unaligned end of file
+        self._known_data = (offset, offset + run)
+        return Extent(run, _DATA, offset, node)

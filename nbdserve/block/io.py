@@ -560,6 +560,7 @@ async def _zero_aligned(node: Node, offset: int, length: int, flags: ReqFlags) -
     if max_zero >= zalign:
         max_zero -= max_zero % zalign
     drv_flags = flags & node._zero_flags
+    fell_back = False
     pos = offset
     end = offset + length
     while pos < end:
@@ -575,8 +576,11 @@ async def _zero_aligned(node: Node, offset: int, length: int, flags: ReqFlags) -
             if exc.errno not in _ENOTSUP or no_fallback:
                 raise
             await _write_zeroes(node, pos, n)
+            fell_back = True
         pos += n
     node.write_gen += 1
+    if fell_back and drv_flags & ReqFlags.FUA:
+        await flush_node(node)  # the fallback writes carried no FUA
 
 
 async def _write_zeroes(node: Node, offset: int, length: int) -> None:

@@ -42,6 +42,8 @@ class RecordingDriver(MemoryDriver):
         self.supported_zero_flags = ReqFlags.MAY_UNMAP | (
             ReqFlags.NO_FALLBACK if o["fast-zero"] else ReqFlags.NONE
         )
+        if o["native-fua"]:
+            self.supported_zero_flags |= ReqFlags.FUA
         if not o["can-zero"]:
             self.zero = None  # type: ignore[assignment,method-assign]
 

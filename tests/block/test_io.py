@@ -278,3 +278,18 @@ async def test_aligned_write_waits_for_overlapping_rmw() -> None:
     got = bytes(await child.read(0, 4096))
     assert got == b"\x02" * 4096
     await graph.close()
+
+
+async def test_zero_fua_native_or_flushed(monkeypatch: pytest.MonkeyPatch) -> None:
+    graph, child, drv = await _open(monkeypatch)
+    await child.zero(0, 8192, ReqFlags.FUA)
+    assert drv.ops("zero")[-1][3] & ReqFlags.FUA and drv.flushes == 0
+    await child.zero(1, 8192, ReqFlags.FUA)  # unaligned on a 1-aligned node: still native
+    assert drv.flushes == 0
+    await graph.close()
+    # The driver refuses: the fallback writes carry no FUA, so a flush follows.
+    graph, child, drv = await _open(monkeypatch, **{"zero-enotsup": True})
+    await child.write(0, b"\xff" * 8192)
+    await child.zero(0, 8192, ReqFlags.FUA)
+    assert drv.flushes == 1
+    await graph.close()

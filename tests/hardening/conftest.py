@@ -69,9 +69,11 @@ class Servers:
     def finish(self) -> None:
         """Every server the test did not stop itself must still be running; then stop all."""
         died = [s for s in self.servers if not s.stopped and not s.alive()]
-        for s in self.servers:
-            if s.alive():
-                s.stop()
+        running = [s for s in self.servers if s.alive()]
+        for s in running:  # signal all first: they shut down in parallel
+            s.proc.terminate()
+        for s in running:
+            s.stop()
         assert not died, "server died during the test:\n" + "\n".join(
             f"exit {s.proc.returncode}:\n{s.log_tail()}" for s in died
         )

@@ -363,16 +363,17 @@ class ServerTransmission:
         if request.flags & CmdFlag.REQ_ONE:
             length, flags = items[0]
             items = [(min(length, limit), flags)]
-        max_length = _U32_MAX if self._extended else _MAX_COMPACT_EXTENT
+        compact = not self._extended
         out: list[tuple[int, int]] = []
         total = 0
         for length, flags in items:
             if length <= 0:
                 raise LocalProtocolError(f"extent length {length} must be positive")
-            if not self._extended and flags > _U32_MAX:
+            if compact and flags > _U32_MAX:
                 raise LocalProtocolError("64-bit status needs extended headers")
-            if not self._extended and length > max_length:
-                out.append((max_length, flags))
+            if compact and length > _MAX_COMPACT_EXTENT:
+                # The rest cannot follow a shortened extent; the client asks again from there.
+                out.append((_MAX_COMPACT_EXTENT, flags))
                 break
             out.append((length, flags))
             total += length

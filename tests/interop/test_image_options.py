@@ -42,7 +42,7 @@ def test_snapshot_leaves_the_image_untouched(serve: ServeFactory,
     assert not leftovers, f"temporary overlay left behind: {leftovers}"
 
 
-@pytest.mark.parametrize("cache", ["none", "writethrough", "directsync", "unsafe"])
+@pytest.mark.parametrize("cache", ["none", "writethrough", "unsafe"])
 def test_cache_modes_serve_the_same_data(serve: ServeFactory, image: Path,
                                          cache: str) -> None:
     server = serve("-f", "raw", f"--cache={cache}", str(image))

@@ -59,6 +59,10 @@ class Graph:
     def __repr__(self) -> str:
         return f"<Graph {sorted(self._nodes)}>"
 
+    def info(self) -> list[dict[str, Any]]:
+        """Every node's :meth:`Node.info`, parents before children."""
+        return [node.info() for node in plan(self._nodes.values(), self._edges()).order]
+
     async def __aenter__(self) -> Graph:
         return self
 

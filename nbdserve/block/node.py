@@ -147,6 +147,30 @@ class Node:
         child at open time, e.g. a backing file named in an image header."""
         return await self.graph._add_child(self, name, options, role)
 
+    def info(self) -> dict[str, Any]:
+        """A JSON-able description (like qemu's query-named-block-nodes), for logs and tools."""
+        from .perms import describe
+
+        return {
+            "node-name": self.name,
+            "driver": self.driver_name,
+            "size": self._size,
+            "read-only": self.read_only,
+            "discard": self.discard,
+            "detect-zeroes": self.detect_zeroes,
+            "cache": {"direct": self.cache_direct, "no-flush": self.cache_no_flush},
+            "request-alignment": self.limits.request_alignment,
+            "max-transfer": self.limits.max_transfer,
+            "perm": describe(self.perm),
+            "shared": describe(self.shared),
+            "children": {
+                name: {"node": e.node.name, "role": e.role.value, "perm": describe(e.perm)}
+                for name, e in self.children.items()
+            },
+            "users": [e.user for e in self.parents],
+            "stats": self.stats.as_dict(),
+        }
+
     # -- request-path state ---------------------------------------------------------------
     def refresh(self) -> None:
         """Recompute limits, size and the bound driver callbacks (after open or truncate)."""

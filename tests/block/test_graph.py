@@ -378,3 +378,18 @@ def test_parse_size() -> None:
     for bad in ["", "1X", "-1", "0.3", True, None, 1.5]:
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+async def test_info_describes_the_graph() -> None:
+    import json
+
+    graph = await open_graph(["driver=memory,node-name=m,size=1M", "driver=raw,node-name=r,file=m"])
+    graph.attach("r", perm=RW, user="export 'r'")
+    info = graph.info()
+    assert [n["node-name"] for n in info] == ["r", "m"]
+    assert info[0]["children"] == {
+        "file": {"node": "m", "role": "file", "perm": "consistent-read, write"}
+    }
+    assert info[0]["users"] == ["export 'r'"] and info[1]["users"] == ["node 'r' (child 'file')"]
+    json.dumps(info)
+    await graph.close()

@@ -43,7 +43,7 @@ from protocol import (
     TransmissionFlag,
 )
 
-from .commands import HANDLERS, SPARSE_READ_MIN, CommandContext
+from .commands import HANDLERS, SPARSE_READ_MIN, CommandContext, is_zero
 from .errors import nbd_errno
 from .exports import MAX_PAYLOAD, Catalogue, Export
 from .log import get_logger
@@ -317,13 +317,18 @@ class Connection:
         ctx = self._ctx
         try:
             if cmd == _READ:
-                if not flags & _FUA and (request.length < SPARSE_READ_MIN or flags & _DF
-                                         or not ctx.structured):
-                    data = ctx.child.read_nowait(request.offset, request.length)
+                if not flags & _FUA:
+                    length = request.length
+                    data = ctx.child.read_nowait(request.offset, length)
                     if data is not None:
-                        stats.bytes_read += request.length
+                        stats.bytes_read += length
+                        if (length >= SPARSE_READ_MIN and ctx.structured and not flags & _DF
+                                and is_zero(data)):
+                            hole = self._tx.reply_read_chunks(request, [(request.offset, length)])
+                            out.extend(hole)
+                            return sum(len(b) for b in hole)
                         out.extend(self._tx.reply_read(request, data))
-                        return request.length
+                        return length
             elif (cmd == _WRITE and not flags & _FUA and not ctx.writethrough
                   and ctx.child.write_nowait(request.offset, request.data)):  # type: ignore[arg-type]
                 stats.bytes_written += request.length

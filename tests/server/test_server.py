@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from nbdserve.block import ReqFlags
-from nbdserve.commands import HANDLERS
+from nbdserve.commands import HANDLERS, is_zero
 from nbdserve.config import ExportSpec
 from protocol import (
     Cmd,
@@ -107,7 +107,11 @@ async def test_only_export_answers_to_empty_name(nursery: trio.Nursery, tmp_path
 
 async def test_sparse_structured_reads_send_holes(nursery: trio.Nursery,
                                                   tmp_path: Path) -> None:
-    srv = await start_server(nursery, tmp_path)
+    # A read rule (with no delay, far away) makes every read wait: the block-status path.
+    srv = await start_server(
+        nursery, tmp_path, exports=DBG_EXPORT,
+        blockdevs=blkdebug(delay=[{"iotype": "read", "offset": 15 * MiB, "ms": 0}],
+                           size=16 * MiB))
     client = await srv.connect()
     await client.write(MiB + 4096, b"\xab" * 8192)
     reply = await client.request(Cmd.READ, MiB, 256 * 1024)
@@ -127,11 +131,29 @@ async def test_sparse_structured_reads_send_holes(nursery: trio.Nursery,
 
 
 async def test_all_zero_read_is_one_hole(nursery: trio.Nursery, tmp_path: Path) -> None:
+    # Served at once from memory: the data itself is checked for zeros.
     srv = await start_server(nursery, tmp_path)
     client = await srv.connect()
     reply = await client.request(Cmd.READ, 0, MiB)
     assert [type(c) for c in reply.chunks] == [ReadHole]
     assert reply.holes == [(0, MiB)]
+    await client.write(MiB - 1, b"\1")
+    reply = await client.request(Cmd.READ, 0, MiB)
+    assert [type(c) for c in reply.chunks] == [ReadData]
+    assert reply.data() == bytes(MiB - 1) + b"\1"
+    # Simple replies and DF reads always carry the data.
+    reply = await client.request(Cmd.READ, 2 * MiB, MiB, CmdFlag.DF)
+    assert [type(c) for c in reply.chunks] == [ReadData]
+    simple = await srv.connect(structured=False)
+    assert await simple.read(2 * MiB, MiB) == bytes(MiB)
+
+
+def test_is_zero() -> None:
+    assert is_zero(b"") and is_zero(bytes(5 << 20)) and is_zero(memoryview(bytearray(100)))
+    for size, where in [(100, 99), (5 << 20, 0), (5 << 20, (5 << 20) - 1), (3 << 20, 1 << 20)]:
+        data = bytearray(size)
+        data[where] = 1
+        assert not is_zero(data) and not is_zero(memoryview(data))
 
 
 async def test_write_zeroes_trim_flush_cache_fua(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -96,7 +96,10 @@ class Workload:
         self.handles: list[Any] = []
         for _ in range(args.connections):
             h = nbd.NBD()
-            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+            if args.simple_replies:  # the kernel client's mode: no structured replies
+                h.set_request_structured_replies(False)
+            else:
+                h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
             h.connect_uri(args.uri)
             self.handles.append(h)
         h0 = self.handles[0]
@@ -105,7 +108,9 @@ class Workload:
         self.can_zero = bool(h0.can_zero())
         self.can_fua = bool(h0.can_fua())
         self.can_cache = bool(h0.can_cache())
-        self.can_block_status = bool(h0.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
+        self.structured = bool(h0.get_structured_replies_negotiated())
+        self.can_block_status = self.structured and bool(
+            h0.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
         self.in_flight: list[dict[int, Op]] = [{} for _ in self.handles]
         self.counts: dict[str, int] = {}
         self.bytes_moved = 0
@@ -293,6 +298,7 @@ class Workload:
             "bytes_read_or_written": self.bytes_moved,
             "max_in_flight_seen": self.max_in_flight_seen,
             "known_bytes": self.model.known.count(1),
+            "structured_replies": self.structured,
             "can": {"trim": self.can_trim, "zero": self.can_zero, "fua": self.can_fua,
                     "cache": self.can_cache, "block_status": self.can_block_status,
                     "multi_conn": bool(self.handles[0].can_multi_conn())},
@@ -307,6 +313,8 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--model-out", help="write the model here and PATH.known")
+    parser.add_argument("--simple-replies", action="store_true",
+                        help="do not negotiate structured replies")
     parser.add_argument("--self-test-flip", type=int, metavar="OFFSET",
                         help="flip one model byte first, to prove mismatches are caught")
     args = parser.parse_args()

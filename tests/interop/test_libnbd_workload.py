@@ -53,6 +53,21 @@ def test_random_workload_matches_model(
         assert on_disk[lo:hi] == model[lo:hi], f"image file differs from model in [{lo}, {hi})"
 
 
+def test_random_workload_with_simple_replies(serve: ServeFactory,
+                                             make_image: ImageFactory) -> None:
+    # Without structured replies (how the Linux kernel client talks): every reply is a
+    # simple one and there is no block status.
+    image = make_image(16 * MiB, {MiB: random.Random(4).randbytes(4 * MiB)})
+    server = serve("-f", "raw", str(image))
+    result = libnbd_python("libnbd_workload.py", server.uri(), "--seed", "4",
+                           "--connections", "3", "--requests", "1000", "--simple-replies",
+                           server=server, timeout=150)
+    summary = json.loads(result.stdout)
+    assert summary["structured_replies"] is False
+    assert "block_status" not in summary["counts"]
+    assert summary["counts"]["read"] > 0 and summary["counts"]["write"] > 0
+
+
 def test_workload_detects_corruption(serve: ServeFactory, make_image: ImageFactory) -> None:
     # Guards the checker: with one model byte flipped, the workload must report that byte.
     image = make_image(4 * MiB, {0: b"\x10" * (4 * MiB)})

@@ -21,6 +21,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import structlog
 import trio
 
 from protocol import (
@@ -82,7 +83,7 @@ class Connection:
         self.session: Session | None = None
         self.export: Export | None = None
         self.end_reason = "eof"
-        self._log = get_logger(conn=self.id, peer=transport.peer, transport=transport.kind)
+        self._log = get_logger(transport=transport.kind)
         self._debug = self._log.is_enabled_for(logging.DEBUG)
         self._scope = trio.CancelScope()
         self._stopping = False
@@ -100,6 +101,9 @@ class Connection:
     async def run(self) -> None:
         """Serve the connection to its end. Never raises (but for cancellation): one client's
         failure must not touch the server or other clients."""
+        # Bound in this task's context before any request task starts (trio copies the
+        # context at spawn), so block-layer log lines of this connection carry these too.
+        structlog.contextvars.bind_contextvars(conn=self.id, peer=self.transport.peer)
         try:
             with self._scope:
                 ready = await self._handshake()
@@ -126,11 +130,6 @@ class Connection:
             self.transport.stop_receiving()
         else:
             self._scope.cancel()
-
-    def abort(self) -> None:
-        """Drop the connection now, in-flight requests included."""
-        self._stopping = True
-        self._scope.cancel()
 
     def _log_summary(self) -> None:
         fields: dict[str, Any] = self.stats.summary()

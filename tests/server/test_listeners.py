@@ -4,6 +4,7 @@ socket activation."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def test_tcp_all_addresses_share_one_port() -> None:
 
 
 def test_tcp_errors_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="no.such.host.invalid"):
+    with pytest.raises(ConfigError, match=re.escape("no.such.host.invalid")):
         open_tcp("no.such.host.invalid", 0)
     taken = open_tcp("127.0.0.1", 0)
     try:
@@ -67,7 +68,7 @@ def test_systemd_activation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LISTEN_FDS", "1")
     assert systemd_listeners() is None  # meant for another process
     sock = socket.socket(socket.AF_UNIX)
-    sock.bind("\0nbdserve-test-%d" % os.getpid())
+    sock.bind(f"\0nbdserve-test-{os.getpid()}")
     sock.listen()
     saved = os.dup(3) if _fd_open(3) else None
     try:

@@ -307,3 +307,49 @@ def test_connection_limit_frees_slots_of_idle_clients(serve: Serve, image: Path)
         s.close()
     # SIGINT, like SIGTERM, is a clean stop.
     assert server.stop(signal.SIGINT) == 0
+
+
+# Limits on what a client can make the server buffer.
+
+
+def test_memory_for_pipelined_payloads_is_bounded(server: Server) -> None:
+    # Four clients each pipeline three maximal (32 MiB) writes without waiting: 384 MiB offered
+    # at once. The server must apply back-pressure (stop reading) rather than buffer it all.
+    conns, writes, size = 4, 3, 32 * MiB
+    payload = b"\xab" * size
+    peak = [server.rss_kib()]
+    start_rss = peak[0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], server.rss_kib())
+            stop.wait(0.02)
+
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            with nbd.connect(server.sock, timeout=60) as s:
+                nbd.handshake(s)
+                for i in range(writes):
+                    off = (k * writes + i) % 2 * size
+                    s.sendall(nbd.request(nbd.CMD_WRITE, i, off, size) + payload)
+                for _ in range(writes):
+                    assert nbd.read_reply_of(s).error == 0
+        except BaseException as e:
+            errors.append(e)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    clients = [threading.Thread(target=client, args=(k,)) for k in range(conns)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(120)
+    stop.set()
+    sampler.join()
+    assert not errors, errors
+    grown = (peak[0] - start_rss) // 1024
+    print(f"\npipelined {conns * writes * size >> 20} MiB: server RSS grew by {grown} MiB")
+    assert grown < 256, f"server RSS grew by {grown} MiB while clients pipelined writes"

@@ -111,6 +111,27 @@ async def test_open_refuses_a_directory(tmp_path: Path) -> None:
         await open_driver(tmp_path, read_only=True)
 
 
+async def test_open_refuses_a_fifo_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with trio.fail_after(10):
+        with pytest.raises(GraphError, match="not a regular file or block device"):
+            await open_driver(fifo, read_only=True)
+        with pytest.raises(GraphError, match="not a regular file or block device"):
+            await open_driver(fifo)
+
+
+async def test_open_refuses_a_character_device_and_a_nul_byte() -> None:
+    with pytest.raises(GraphError, match="not a regular file or block device"):
+        await open_driver("/dev/zero", read_only=True)
+    with pytest.raises(GraphError, match=r"option 'filename'.*null"):
+        await open_driver("bad\0name")
+
+
+async def test_descriptor_is_blocking(drv: FileDriver) -> None:
+    assert os.get_blocking(drv.fd)
+
+
 async def test_open_without_write_access_hints_at_read_only(
     img: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

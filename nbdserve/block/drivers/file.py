@@ -142,7 +142,8 @@ class FileDriver(Driver):
         self.read_only = node.read_only
         self.direct = node.cache_direct
         self._pool = BufferPool(must_align=self.direct)
-        fd = self._open_fd()
+        # open() itself can wait for the disk (or a network filesystem): a thread too.
+        fd = await threads.run_sync(self._open_fd)
         self.fd = fd
         try:
             await threads.run_sync(self._setup)
@@ -152,7 +153,8 @@ class FileDriver(Driver):
             raise
 
     def _open_fd(self) -> int:
-        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK: opening a FIFO by mistake must fail below, not wait for a writer.
+        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
         if self.direct:
             flags |= os.O_DIRECT
         try:
@@ -167,6 +169,8 @@ class FileDriver(Driver):
                 exc.errno in (errno.EACCES, errno.EROFS) and not self.read_only
             ) else ""
             raise self._error(f"cannot open: {exc.strerror}{hint}", key="filename") from None
+        except ValueError as exc:  # e.g. an embedded NUL byte
+            raise self._error(f"cannot open: {exc}", key="filename") from None
 
     def _setup(self) -> None:
         """Everything at open that may touch the disk (so it runs in a worker thread)."""
@@ -179,6 +183,7 @@ class FileDriver(Driver):
             self._size = st.st_size
         else:
             raise self._error("not a regular file or block device", key="filename")
+        os.set_blocking(fd, True)
         if self.direct:
             self._align = self._probe_alignment()
         self._probe_fallocate()

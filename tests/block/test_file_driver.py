@@ -756,3 +756,23 @@ async def test_block_status_remembers_the_last_data_extent(
     await drv.zero(0, 65536, ReqFlags.MAY_UNMAP)
     e = await drv.block_status(0, 4096)
     assert e.status == Status.ZERO | Status.OFFSET_VALID
+
+
+async def test_direct_on_tmpfs_works_or_says_why() -> None:
+    # tmpfs gained O_DIRECT in Linux 6.6; older kernels refuse it with EINVAL at open.
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        path = make_file(Path(tmp) / "img", MiB, {0: b"\x33" * 8192})
+        try:
+            d = await open_driver(path, direct=True)
+        except GraphError as exc:
+            assert "does not support O_DIRECT" in str(exc) and "cache.direct=off" in str(exc)
+            return
+        try:
+            align = d.limits.request_alignment
+            assert align >= 512 and align & (align - 1) == 0
+            await d.write(align, b"\x44" * align, ReqFlags.NONE)
+            assert bytes(await d.read(0, 2 * align)) == b"\x33" * align + b"\x44" * align
+        finally:
+            await d.close()

@@ -35,8 +35,9 @@ class Transport:
     #: Printable peer address.
     peer: str = ""
 
-    async def receive(self, max_bytes: int) -> bytes:
-        """Up to ``max_bytes``; ``b""`` at end of file."""
+    async def receive(self, max_bytes: int) -> bytes | memoryview:
+        """Up to ``max_bytes``; empty at end of file. The result is only valid until the next
+        call (the protocol objects copy what they are fed)."""
         raise NotImplementedError
 
     async def send(self, buffers: Sequence[Buffer]) -> None:
@@ -69,6 +70,9 @@ class SocketTransport(Transport):
             pass
         self._sock = sock
         self._spins = 0
+        # One receive buffer for the connection's life: no allocation per recv.
+        self._buffer = bytearray(0)
+        self._view = memoryview(self._buffer)
         self.kind = kind
         self.peer = peer
 
@@ -76,15 +80,20 @@ class SocketTransport(Transport):
     def socket(self) -> socket.socket:
         return self._sock
 
-    async def receive(self, max_bytes: int) -> bytes:
+    async def receive(self, max_bytes: int) -> bytes | memoryview:
         sock = self._sock
         self._spins += 1
         if self._spins >= _MAX_SPINS:
             self._spins = 0
             await trio.lowlevel.checkpoint()
+        if len(self._buffer) < max_bytes:
+            self._view.release()
+            self._buffer = bytearray(max_bytes)
+            self._view = memoryview(self._buffer)
+        view = self._view
         while True:
             try:
-                return sock.recv(max_bytes)
+                return view[:sock.recv_into(view, max_bytes)]
             except BlockingIOError:
                 self._spins = 0
                 await trio.lowlevel.wait_readable(sock)

@@ -21,7 +21,8 @@ class TrackedRequest:
         self.start = start
         self.end = end
         self.serialising = serialising
-        self.done = trio.Event()
+        #: Created by the first waiter: most requests finish with nobody waiting.
+        self.done: trio.Event | None = None
 
 
 class Tracker:
@@ -41,6 +42,8 @@ class Tracker:
     async def begin(self, start: int, end: int, serialising: bool) -> TrackedRequest:
         # Waiters never hold a registration, so no wait cycle can form.
         while (other := self.conflict(start, end, serialising)) is not None:
+            if other.done is None:
+                other.done = trio.Event()
             await other.done.wait()
         req = TrackedRequest(start, end, serialising)
         self.requests.append(req)
@@ -52,4 +55,5 @@ class Tracker:
         self.requests.remove(req)
         if req.serialising:
             self.serialising -= 1
-        req.done.set()
+        if req.done is not None:
+            req.done.set()

@@ -190,3 +190,30 @@ async def test_errors_reach_the_user_as_oserror(img: Path) -> None:
         graph.node("f").driver.fd = -1  # type: ignore[attr-defined]
     finally:
         await graph.close()
+
+
+async def test_cache_modes(img: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu's cache modes are cache.direct x cache.no-flush: unsafe skips fdatasync."""
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    for no_flush, direct, expect_sync in [(False, False, True), (True, False, False),
+                                          (False, True, True), (True, True, False)]:
+        graph = await open_graph(
+            [{"driver": "file", "node-name": "f", "filename": str(img),
+              "cache": {"direct": direct, "no-flush": no_flush}}]
+        )
+        try:
+            child = graph.attach("f", perm=RW, shared=SHARE)
+            assert graph.node("f").driver.direct is direct  # type: ignore[attr-defined]
+            await child.write(0, b"\x01" * 4096)
+            synced.clear()
+            await child.flush()
+            assert bool(synced) is expect_sync, (no_flush, direct)
+        finally:
+            await graph.close()

@@ -131,6 +131,7 @@ class FileDriver(Driver):
         self._nowait_writes = True
         self._can_punch = False
         self._can_zero_range = False
+        self._can_blkdiscard = False
         self._seek_data = True
         #: [start, end) last found to be data: repeated queries skip lseek (see block_status).
         self._known_data = (0, 0)
@@ -254,7 +255,7 @@ class FileDriver(Driver):
         if self.is_block_device:
             # Devices reject ranges past their end: their support shows on first use. Not
             # NO_FALLBACK: the kernel may emulate zeroing by writing zeros.
-            self._can_punch = self._can_zero_range = True
+            self._can_punch = self._can_zero_range = self._can_blkdiscard = True
             self.supported_zero_flags = ReqFlags.MAY_UNMAP
             return
         try:
@@ -317,8 +318,11 @@ class FileDriver(Driver):
 
     # -- writes -----------------------------------------------------------------------------
     def write_nowait(self, offset: int, data: Buffer, flags: ReqFlags) -> bool:
+        # A durable (FUA) write waits for the disk, a large one holds up the loop, and some
+        # filesystems can't do this at all: write() takes those. So does a partial write,
+        # writing the same bytes again.
         if flags & _FUA or not self._nowait_writes or len(data) > NOWAIT_MAX:
-            return False  # a durable write waits for the disk: not in the event loop
+            return False
         try:
             return _pwritev(self.fd, [data], offset, _RWF_NOWAIT) == len(data)
         except BlockingIOError:
@@ -329,7 +333,6 @@ class FileDriver(Driver):
             # This filesystem can't do non-blocking buffered writes: stop asking.
             self._nowait_writes = False
             return False
-        # A partial write returns False too: write() then writes it all, the same bytes again.
 
     async def write(self, offset: int, data: Buffer, flags: ReqFlags) -> None:
         rwf = _RWF_DSYNC if flags & _FUA else 0
@@ -414,7 +417,7 @@ class FileDriver(Driver):
             mask = self._align - 1
             start = (offset + mask) & ~mask
             end = (offset + length) & ~mask
-            if end > start and self._can_punch:
+            if end > start and self._can_blkdiscard:
                 await threads.run_sync(self._blkdiscard, start, end - start)
         elif self._can_punch:
             await threads.run_sync(self._try_fallocate, _PUNCH, offset, length)
@@ -425,7 +428,7 @@ class FileDriver(Driver):
         except OSError as exc:
             if exc.errno not in sys_.UNSUPPORTED_ERRNOS:
                 raise
-            self._can_punch = False  # the device can't discard: later discards do nothing
+            self._can_blkdiscard = False  # the device can't: later discards do nothing
 
     # -- flush, cache, truncate -------------------------------------------------------------
     async def flush(self) -> None:

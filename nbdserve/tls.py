@@ -73,6 +73,14 @@ class HasPeerCert(Protocol):
     def getpeercert(self) -> Any: ...
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> str:
+    raise _EncryptedKey
+
+
 def _require(path: Path) -> Path:
     if not path.is_file():
         raise TLSCredsError(f"TLS credentials: {path}: missing (expected a PEM file)")
@@ -105,7 +113,13 @@ def server_context(creds_dir: Path, *, verify_peer: bool = True) -> ssl.SSLConte
     except (ssl.SSLError, ValueError):
         raise TLSCredsError(f"TLS credentials: {cert}: no valid PEM certificate") from None
     try:
-        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
+        # The password callback keeps OpenSSL from prompting on the terminal (a daemon would
+        # hang) when the key is encrypted.
+        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key), password=_no_password)
+    except _EncryptedKey:
+        raise TLSCredsError(
+            f"TLS credentials: {key}: encrypted private keys are not supported"
+        ) from None
     except ssl.SSLError as e:
         problem = (
             f"does not match {cert.name}"

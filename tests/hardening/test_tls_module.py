@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 
@@ -147,6 +148,18 @@ def test_key_of_another_certificate_is_named(creds: Creds, tmp_path: Path) -> No
     d = copy_server_creds(creds, tmp_path / "c")
     shutil.copy(creds.client / "client-key.pem", d / "server-key.pem")
     with pytest.raises(TLSCredsError, match=r"server-key.pem: does not match server-cert.pem"):
+        server_context(d)
+
+
+def test_encrypted_key_is_refused_without_prompting(creds: Creds, tmp_path: Path) -> None:
+    d = copy_server_creds(creds, tmp_path / "c")
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(creds.server / "server-key.pem"), "-aes256",
+         "-passout", "pass:secret", "-out", str(d / "server-key.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    assert "ENCRYPTED" in (d / "server-key.pem").read_text()
+    with pytest.raises(TLSCredsError, match=r"server-key.pem: encrypted private keys"):
         server_context(d)
 
 

@@ -61,6 +61,9 @@ def qcow2_image_bytes(
         raise ValueError(f"compat must be '0.10' or '1.1', not {compat!r}")
     if backing_fmt is not None and backing_file is None:
         raise ValueError("backing_fmt given without backing_file")
+    # QEMU reads the size as whole 512-byte sectors (rounding down); qemu-img rounds a new
+    # image's size up, and so do we, so that both see the same disk.
+    size = -(-size // 512) * 512
     version = 3 if compat == "1.1" else 2
     header_length = _V3_HEADER_LENGTH if version == 3 else V2_HEADER_LENGTH
 
@@ -148,7 +151,8 @@ async def create_qcow2(
     backing_fmt: str | None = None,
     compat: str = "1.1",
 ) -> None:
-    """Create (or overwrite) a qcow2 image at ``path``.
+    """Create (or overwrite) a qcow2 image at ``path``; ``size`` is rounded up to a
+    multiple of 512 bytes, as qemu-img does.
 
     ``backing_file`` is stored as given: a relative name is resolved against the image's
     directory when the image is opened, as QEMU does. Raises ``ValueError`` for bad

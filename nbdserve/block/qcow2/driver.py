@@ -317,7 +317,8 @@ class Qcow2Driver(Driver):
         cb, cs = self.cb, self.cs
         end = offset + length
         host_start = expect = -1
-        zeros = False
+        zeros = from_backing = False
+        backing = self.backing
         pos = offset
         while pos < end:
             cl = pos >> cb
@@ -329,20 +330,29 @@ class Qcow2Driver(Driver):
             kind = classify(entry)
             if kind is Kind.NORMAL:
                 host = (entry & OFFSET_MASK) + (pos & (cs - 1))
-                if zeros or entry & (cs - 1) or (expect >= 0 and host != expect):
+                if zeros or from_backing or entry & (cs - 1) or (expect >= 0 and host != expect):
                     return None
                 if host_start < 0:
                     host_start = host
                 expect = host + nxt - pos
             elif kind is Kind.ZERO_PLAIN or kind is Kind.ZERO_ALLOC or (
-                kind is Kind.UNALLOCATED and self.backing is None
+                kind is Kind.UNALLOCATED and backing is None
             ):
-                if host_start >= 0:
+                if host_start >= 0 or from_backing:
                     return None
                 zeros = True
+            elif kind is Kind.UNALLOCATED:
+                if host_start >= 0 or zeros:
+                    return None
+                from_backing = True
             else:
                 return None
             pos = nxt
+        if from_backing:
+            assert backing is not None
+            if end > backing.size:
+                return None
+            return backing.read_nowait(offset, length)
         if host_start < 0:
             return bytes(length)
         return self.file.read_nowait(host_start, length)
@@ -675,6 +685,7 @@ class Qcow2Driver(Driver):
     async def truncate(self, length: int) -> None:
         h = self.header
         assert h is not None
+        length = -(-length // 512) * 512  # whole sectors, as QEMU sees the size
         if length < self._size:
             raise OSError(errno.ENOTSUP, "shrinking a qcow2 image is not supported")
         refcounts = await self._prepare_write()

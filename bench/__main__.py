@@ -4,14 +4,16 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .profile import ProfilerError, require_py_spy
 from .render import chart, markdown
-from .results import ratios, summarise, to_json
+from .results import Sample, ratios, summarise, to_json
 from .runner import Plan, describe_machine, run_all
-from .servers import SERVERS
-from .workloads import ROWS
+from .servers import SERVERS, Server
+from .workloads import ROWS, Row
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
@@ -78,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample every nbdserve cell with py-spy; collapsed stacks and summaries go to DIR",
     )
     p.add_argument(
+        "--report-from",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: rebuild results.md and ratios.png in --out from a saved results.json",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path(__file__).with_name("results"),
@@ -88,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.report_from is not None:
+        return rerender(args.report_from, args.out)
     size = args.size or (256 * 2**20 if args.quick else 2**30)
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     runtime = args.runtime if args.runtime is not None else (1.0 if args.quick else 5.0)
@@ -117,25 +127,48 @@ def main(argv: list[str] | None = None) -> int:
     if plan.load_before > 0.5:
         print(f"note: load average is {plan.load_before:.2f}; other work will skew the figures")
     samples = run_all(plan, lambda line: print(line, flush=True))
-    meta = describe_machine(plan)
-    cells = summarise(samples)
-    ours = [s.key for s in plan.servers if s.is_nbdserve]
-    peers = {s.key: s.peer for s in plan.servers if s.peer is not None}
-    ratio_list = ratios(cells, [r.key for r in plan.rows], ours, peers)
+    write_report(args.out, describe_machine(plan), plan.rows, plan.servers, samples)
+    return 1 if plan.errors else 0
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = markdown(meta, plan.rows, plan.servers, cells, ratio_list)
-    (args.out / "results.md").write_text(report)
-    (args.out / "results.json").write_text(
+
+def write_report(
+    out: Path,
+    meta: dict[str, Any],
+    rows: Sequence[Row],
+    servers: Sequence[Server],
+    samples: Sequence[Sample],
+) -> None:
+    cells = summarise(samples)
+    ours = [s.key for s in servers if s.is_nbdserve]
+    peers = {s.key: s.peer for s in servers if s.peer is not None}
+    ratio_list = ratios(cells, [r.key for r in rows], ours, peers)
+    out.mkdir(parents=True, exist_ok=True)
+    report = markdown(meta, rows, servers, cells, ratio_list)
+    (out / "results.md").write_text(report)
+    (out / "results.json").write_text(
         json.dumps(to_json(meta, samples, cells, ratio_list), indent=2) + "\n"
     )
-    skipped = chart(args.out / "ratios.png", plan.rows, plan.servers, ratio_list)
+    skipped = chart(out / "ratios.png", rows, servers, ratio_list)
     print()
     print(report)
-    print(f"wrote {args.out}/results.md, results.json" + ("" if skipped else ", ratios.png"))
+    print(f"wrote {out}/results.md, results.json" + ("" if skipped else ", ratios.png"))
     if skipped:
         print(skipped)
-    return 1 if plan.errors else 0
+
+
+def rerender(saved: Path, out: Path) -> int:
+    """Rebuild the report from a results.json: the samples are the data, the rest is derived."""
+    try:
+        data = json.loads(saved.read_text())
+        meta = data["meta"]
+        samples = [Sample(**s) for s in data["samples"]]
+        rows = [r for r in ROWS if r.key in meta["rows"]]
+        servers = [s for s in SERVERS if s.key in meta["servers"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: cannot read {saved}: {exc}", file=sys.stderr)
+        return 2
+    write_report(out, meta, rows, servers, samples)
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ def _rate(cell: Cell | None, row: Row) -> str:
     if cell is None:
         return "—"
     mib = f"{cell.mib_per_s:,.0f} MiB/s"
+    noise = f" ±{50 * cell.spread:.0f}%" if cell.runs > 1 else ""
     if row.small_io and cell.iops is not None:
-        return f"{cell.iops / 1000:,.1f}k IOPS ({mib})"
-    return mib
+        return f"{cell.iops / 1000:,.1f}k IOPS ({mib}){noise}"
+    return mib + noise
 
 
 def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
@@ -54,6 +55,8 @@ def markdown(
             else []
         ),
         "## Throughput",
+        "",
+        "Median over the runs; ±N% is half the spread (max - min) relative to the median.",
         "",
         *_table(
             ["Row", *names],

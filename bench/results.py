@@ -47,6 +47,7 @@ class Cell:
     cpu_per_gib: float
     peak_rss_mib: float
     errors: int
+    spread: float  # (max - min) / median of throughput over the runs: how noisy the cell was
 
 
 def summarise(samples: Iterable[Sample]) -> dict[tuple[str, str], Cell]:
@@ -59,15 +60,17 @@ def summarise(samples: Iterable[Sample]) -> dict[tuple[str, str], Cell]:
         if not good:
             continue
         iops = [s.iops for s in good if s.iops is not None]
+        rates = [s.mib_per_s for s in good]
         cells[row, server] = Cell(
             row=row,
             server=server,
             runs=len(good),
-            mib_per_s=median(s.mib_per_s for s in good),
+            mib_per_s=median(rates),
             iops=median(iops) if iops else None,
             cpu_per_gib=median(s.cpu_per_gib for s in good),
             peak_rss_mib=max(s.peak_rss for s in good) / 2**20,
             errors=len(group) - len(good),
+            spread=(max(rates) - min(rates)) / median(rates),
         )
     return cells
 

@@ -1,5 +1,6 @@
 """The benchmark suite's pure parts: fio parsing, medians, ratios, rendering. No servers run."""
 
+import json
 import os
 import sys
 import time
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import procstat
-from bench.__main__ import build_parser, parse_size
+from bench.__main__ import build_parser, main, parse_size
 from bench.profile import summarise_stacks
 from bench.render import chart, markdown
 from bench.results import Sample, ratios, summarise, to_json
@@ -90,6 +91,7 @@ def test_summarise_takes_medians_max_rss_and_counts_errors() -> None:
     assert cell.mib_per_s == pytest.approx(200)
     assert cell.runs == 3 and cell.errors == 1
     assert cell.peak_rss_mib == pytest.approx(9)
+    assert cell.spread == pytest.approx(1.0)  # (300 - 100) / 200
     assert ("seqread-1m-qd8", "qemu-threads") not in cells  # no successful run, no figure
 
 
@@ -154,6 +156,12 @@ def test_markdown_lists_errors_one_per_line() -> None:
     text = markdown(meta, [ROW["seqread-1m-qd8"]], [SERVER["nbdserve"]], {}, [])
     assert "- 1M read, run 1, nbdserve: exited 1: / Traceback / boom\n" in text
     assert "| 1M sequential read QD8 | — |" in text
+
+
+def test_markdown_shows_spread_when_there_are_several_runs() -> None:
+    cells = summarise([_sample("nbdkit-file", 90, run=1), _sample("nbdkit-file", 110, run=2)])
+    text = markdown(META, [ROW["seqread-1m-qd8"]], [SERVER["nbdkit-file"]], cells, [])
+    assert "| 1M sequential read QD8 | 100 MiB/s ±10% |" in text
 
 
 def test_markdown_small_io_rows_lead_with_iops() -> None:
@@ -230,3 +238,18 @@ def test_profile_summary_self_and_inclusive_shares() -> None:
     assert "  60.0  send (t.py)" in text  # both lines of send count as one function
     assert " 100.0  serve (s.py)" in text  # inclusive: every sample passes through serve
     assert summarise_stacks("") == "no samples\n"
+
+
+def test_report_can_be_rebuilt_from_saved_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samples = [_sample("nbdserve", 600), _sample("nbdkit-file", 300)]
+    meta = {**META, "rows": ["seqread-1m-qd8"], "servers": ["nbdserve", "nbdkit-file"]}
+    cells = summarise(samples)
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(to_json(meta, samples, cells, [])))
+    assert main(["--report-from", str(saved), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| 1M sequential read QD8 | nbdserve | 2.00x | 2.00x (nbdkit file) |" in text
+    assert main(["--report-from", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err

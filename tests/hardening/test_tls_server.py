@@ -289,6 +289,25 @@ def test_plaintext_sent_after_starttls_is_never_acted_on(
         assert REP_MAGIC_BYTES not in got
 
 
+def test_stalled_tls_handshakes_are_dropped(tls_server: TLSServer, creds: Creds) -> None:
+    # The handshake time limit covers the TLS handshake and the options after it: a client
+    # that stops after the STARTTLS ACK, or after TLS but before GO, cannot hold on forever.
+    sock = tls_server("--handshake-timeout", "1")
+    stalled_in_tls = nbd.connect(sock)
+    nbd.greeting(stalled_in_tls)
+    stalled_in_tls.sendall(nbd.client_flags() + nbd.option(nbd.OPT_STARTTLS))
+    assert nbd.read_final_reply(stalled_in_tls)[1].type == nbd.REP_ACK
+    stalled_after_tls = nbd.connect(sock)
+    nbd.greeting(stalled_after_tls)
+    stalled_after_tls.sendall(nbd.client_flags())
+    t = _starttls(stalled_after_tls, creds.client)
+    for s in (stalled_in_tls, t):
+        nbd.wait_closed(s, timeout=10)
+        s.close()
+    libnbd.check(libnbd.CONNECT_TLS + libnbd.READ_WRITE, sock=str(sock),
+                 certs=str(creds.client), tls="require")  # fmt: skip
+
+
 def test_failed_tls_handshake_does_not_hurt_the_server(tls_server: TLSServer, creds: Creds) -> None:
     sock = tls_server()
     for junk in (b"", b"\x16\x03\x01\x00\x05hello", b"GET / HTTP/1.0\r\n\r\n" * 10):

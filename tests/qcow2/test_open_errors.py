@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from pathlib import Path
 
@@ -119,7 +120,5 @@ def test_garbage_never_crashes() -> None:
         for _ in range(rng.randrange(1, 12)):
             buf[rng.randrange(128)] = rng.randrange(256)
         buf[20:24] = struct.pack(">I", rng.choice([9, 12, 16, rng.randrange(64)]))
-        try:
+        with contextlib.suppress(Qcow2FormatError):
             parse_header(bytes(buf))
-        except Qcow2FormatError:
-            pass

@@ -144,11 +144,17 @@ class StreamTransport(Transport):
         self._stopped = False
         self._receive_scope: trio.CancelScope | None = None
 
+    # Stream errors become ConnectionResetError, so the connection treats a vanished peer
+    # the same way whatever carries it.
+
     async def receive(self, max_bytes: int) -> bytes:
         if self._stopped:
             return b""
         with trio.CancelScope() as self._receive_scope:
-            return bytes(await self.stream.receive_some(max_bytes))
+            try:
+                return bytes(await self.stream.receive_some(max_bytes))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise ConnectionResetError(str(e)) from e
         return b""  # cancelled by stop_receiving()
 
     def into_stream(self) -> trio.abc.Stream:
@@ -160,10 +166,13 @@ class StreamTransport(Transport):
             self._receive_scope.cancel()
 
     async def send(self, buffers: Sequence[Buffer]) -> None:
-        if len(buffers) == 1:
-            await self.stream.send_all(buffers[0])
-        else:
-            await self.stream.send_all(b"".join(buffers))
+        try:
+            if len(buffers) == 1:
+                await self.stream.send_all(buffers[0])
+            else:
+                await self.stream.send_all(b"".join(buffers))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise ConnectionResetError(str(e)) from e
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)

@@ -139,9 +139,9 @@ async def test_allocation_depth_matches_qemu_map(tmp_path: Path) -> None:
     try:
         depths = []
         pos = 0
-        for e in await child.allocation_depth(0, child.size):
-            depths.append((pos, e.length, e.depth))
-            pos += e.length
+        for ext in await child.allocation_depth(0, child.size):
+            depths.append((pos, ext.length, ext.depth))
+            pos += ext.length
         assert [n.driver_name for n in graph.nodes.values()].count("qcow2") == 2
         for e in qemu_map(img):
             if not e["present"]:

@@ -89,7 +89,7 @@ def qcow2_image_bytes(
             f"image size {size} is too large for {cluster_size}-byte clusters "
             "(the L1 table would exceed 32 MiB); use a larger cluster size"
         )
-    l1_clusters = max(1, -(-l1_size * 8 // cluster_size))
+    l1_clusters = -(-l1_size * 8 // cluster_size)  # 0 for an empty image
     per_block = cluster_size * 8 // 16
     per_table_cluster = cluster_size // 8
     # Fixpoint: the refcount table and blocks must describe themselves as well.

@@ -183,11 +183,11 @@ def parse_header(buf: bytes) -> Header:
             h.compression_type = buf[V3_HEADER_LENGTH]
         if h.refcount_order > 6:
             raise Qcow2FormatError(f"refcount_order {h.refcount_order} > 6")
-    for name, off in (
-        ("L1 table", h.l1_table_offset),
-        ("refcount table", h.refcount_table_offset),
+    for name, off, entries in (
+        ("L1 table", h.l1_table_offset, h.l1_size),
+        ("refcount table", h.refcount_table_offset, h.refcount_table_clusters),
     ):
-        if off % cs or off == 0:
+        if off % cs or (off == 0 and entries):
             raise Qcow2FormatError(f"{name} offset {off:#x} is not a non-zero cluster boundary")
     if h.refcount_table_clusters == 0:
         raise Qcow2FormatError("refcount table has no clusters")

@@ -25,9 +25,16 @@ import sys
 from collections import deque
 
 _getrefcount = sys.getrefcount
-#: References of a free buffer inside ``take``: the pool's deque, the local variable and
-#: getrefcount's own argument.
-_FREE = 3
+
+
+def _free_count() -> int:
+    """What getrefcount says of a buffer only the pool holds, seen the way ``take`` looks
+    at it. Measured rather than written down (3 on CPython 3.11: the deque, the local and
+    the argument) because interpreters that borrow references count differently, and a
+    count too high would hand out a buffer still in use."""
+    ring = deque([aligned(1)])
+    buf = ring[0]
+    return _getrefcount(buf)
 #: How many pooled buffers ``take`` inspects before it allocates another one.
 _PROBES = 4
 #: Unpooled buffers smaller than this come from malloc: an mmap costs more than the copy
@@ -38,6 +45,9 @@ _SMALL = 16 << 10
 def aligned(length: int) -> mmap.mmap:
     """A zero-filled, page-aligned buffer of ``length`` > 0 bytes."""
     return mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+_FREE = _free_count()
 
 
 class BufferPool:

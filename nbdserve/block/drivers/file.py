@@ -220,6 +220,7 @@ class FileDriver(Driver):
             fd, self.fd = self.fd, -1
             # Closing drops the OFD locks with the open file description.
             self.lock = None
+            self._pool = BufferPool()  # let the pooled buffers go (callers keep theirs)
             os.close(fd)
 
     def length(self) -> int:

@@ -172,6 +172,19 @@ def test_lock_error_is_an_oserror_with_eagain(img: Path) -> None:
         os.close(fd2)
 
 
+def test_an_exclusive_lock_on_our_byte_is_a_conflict(img: Path) -> None:
+    fd1, fd2 = os.open(img, os.O_RDWR), os.open(img, os.O_RDWR)
+    try:
+        _file_lock._flock(fd1, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, 101)  # a foreign guard
+        lock = ImageLock(fd2, str(img))
+        with pytest.raises(ImageLockedError, match="Failed to lock byte 101"):
+            lock.update(*WRITER)
+        assert lock.held == lock.refused == Perm.NONE
+    finally:
+        os.close(fd1)
+        os.close(fd2)
+
+
 # -- other processes -----------------------------------------------------------------------------
 _CHILD = textwrap.dedent(
     """

@@ -113,11 +113,21 @@ class ImageLock:
         # State is updated byte by byte so a failure half-way leaves it truthful.
         for i, bit in enumerate(_BITS):
             if (held ^ self.held) & bit:
-                _flock(self.fd, fcntl.F_OFD_SETLK, _kind(held & bit), PERM_BASE + i)
+                self._set(_kind(held & bit), PERM_BASE + i)
                 self.held ^= bit
             if (refused ^ self.refused) & bit:
-                _flock(self.fd, fcntl.F_OFD_SETLK, _kind(refused & bit), SHARED_BASE + i)
+                self._set(_kind(refused & bit), SHARED_BASE + i)
                 self.refused ^= bit
+
+    def _set(self, kind: int, offset: int) -> None:
+        try:
+            _flock(self.fd, fcntl.F_OFD_SETLK, kind, offset)
+        except OSError as exc:
+            # Only an exclusive lock on our byte blocks a shared one: not QEMU's doing, but
+            # still somebody else guarding the image.
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise self._conflict(f"Failed to lock byte {offset}") from None
+            raise
 
     def _check(self, perm: Perm, shared: Perm) -> None:
         for i, bit in enumerate(_BITS):

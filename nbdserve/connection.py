@@ -61,6 +61,9 @@ SEND_BATCH_BYTES = 4 << 20
 #: Checks a TLS client after its handshake: None to accept, else the reason for refusing.
 TLSAuthz = Callable[[trio.SSLStream], "str | None"]
 
+#: Default payload budget per connection (see Connection.max_in_flight_bytes).
+DEFAULT_MAX_IN_FLIGHT_BYTES = 64 << 20
+
 _ids = itertools.count(1)
 _READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
 _FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
@@ -69,6 +72,7 @@ _FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
 class Connection:
     def __init__(self, transport: Transport, catalogue: Catalogue, *,
                  handshake_timeout: float = 10.0, max_in_flight: int = 16,
+                 max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
                  tls: TLSMode = TLSMode.OFF, ssl_context: ssl.SSLContext | None = None,
                  tls_authz: TLSAuthz | None = None) -> None:
         self.id = next(_ids)
@@ -93,6 +97,11 @@ class Connection:
         self._queued: list[Buffer] = []
         self._queue_sent = trio.Event()
         self._slots = trio.Semaphore(max_in_flight)
+        # READ/WRITE payload bytes held by request tasks: with the slot count this bounds a
+        # connection's memory whatever the client sends (one request may always run).
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self._in_flight_bytes = 0
+        self._bytes_freed = trio.Event()
         self._tx: ServerTransmission
         self._ctx: CommandContext
 
@@ -268,16 +277,22 @@ class Connection:
                             await self._send(out)
                             out, pending = [], 0
                         continue
-                    if slots.value == 0:
-                        # Back-pressure: answer what is ready, then wait for a free slot
-                        # before taking more requests off the wire.
+                    # Back-pressure: with every slot (or the payload budget) in use, answer
+                    # what is ready, then wait before taking more requests off the wire.
+                    cost = event.length if event.cmd is Cmd.READ or event.cmd is Cmd.WRITE else 0
+                    if slots.value == 0 or (self._in_flight_bytes and self._in_flight_bytes
+                                            + cost > self.max_in_flight_bytes):
                         if out:
                             await self._send(out)
                             out, pending = [], 0
+                        while (self._in_flight_bytes
+                               and self._in_flight_bytes + cost > self.max_in_flight_bytes):
+                            await self._bytes_freed.wait()
                         await slots.acquire()
                     else:
                         slots.acquire_nowait()
-                    nursery.start_soon(self._serve_later, event)
+                    self._in_flight_bytes += cost
+                    nursery.start_soon(self._serve_later, event, cost)
                     continue
                 if event is NEED_DATA:
                     break
@@ -340,7 +355,7 @@ class Connection:
             return len(reply)
         return -1
 
-    async def _serve_later(self, request: Request) -> None:
+    async def _serve_later(self, request: Request, cost: int) -> None:
         """A request that may wait: run it through the command table, send its reply."""
         try:
             if self._debug:
@@ -367,6 +382,9 @@ class Connection:
             await self._send(reply)
         finally:
             self._slots.release()
+            self._in_flight_bytes -= cost
+            self._bytes_freed.set()
+            self._bytes_freed = trio.Event()
 
     def _error_reply(self, request: Request, e: OSError) -> bytes:
         self.stats.errors += 1

@@ -445,3 +445,30 @@ def test_errno_table() -> None:
     assert nbd_errno(errno.ENOTSUP) is Errno.EINVAL
     assert nbd_errno(errno.EACCES) is Errno.EINVAL
     assert nbd_errno(None) is Errno.EIO
+
+
+async def test_payload_budget_bounds_requests_in_flight(nursery: trio.Nursery,
+                                                        tmp_path: Path) -> None:
+    srv = await start_server(nursery, tmp_path,
+                             blockdevs=blkdebug(delay=[{"iotype": "write", "ms": 20}]),
+                             exports=DBG_EXPORT)
+    client = await srv.connect()
+    (conn,) = srv.server.connections
+    conn.max_in_flight_bytes = 2 * MiB
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, conn._in_flight_bytes)
+            await trio.sleep(0.001)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(watch)
+        cookies = [await client.send(Cmd.WRITE, i * MiB, data=bytes([i]) * MiB)
+                   for i in range(4)]
+        for cookie in cookies:
+            assert (await client.wait(cookie)).error == 0
+        inner.cancel_scope.cancel()
+    assert 0 < peak <= 2 * MiB
+    assert await client.read(3 * MiB, 4) == b"\3" * 4

@@ -106,7 +106,8 @@ async def serve_config(config: ServerConfig, warnings: Sequence[str] = ()) -> in
         server = Server(Catalogue(exports), max_connections=config.max_connections,
                         persistent=config.persistent,
                         handshake_timeout=config.handshake_timeout,
-                        max_in_flight=config.max_in_flight, **_tls_options(config))
+                        max_in_flight=config.max_in_flight,
+                        max_in_flight_bytes=config.max_in_flight_bytes, **_tls_options(config))
         if config.listen.stdin:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_signals, server, trio.CancelScope())

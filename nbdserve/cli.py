@@ -32,6 +32,7 @@ from .config import (
 )
 from .errors import ConfigError
 from .image import CACHE_MODES, image_options
+from .sizes import parse_size
 
 PROG = "nbdserve"
 
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                      default=DEFAULT_MAX_IN_FLIGHT, metavar="N",
                      help="requests processed at once per connection "
                           f"(default {DEFAULT_MAX_IN_FLIGHT})")
+
+    net.add_argument("--max-in-flight-bytes", default="64M", metavar="SIZE",
+                     help="READ/WRITE payload bytes processed at once per connection "
+                          "(default 64M)")
 
     qsd = p.add_argument_group("graphs (qemu-storage-daemon compatible)")
     qsd.add_argument("--blockdev", action="append", default=[], metavar="OPTIONS",
@@ -221,6 +226,7 @@ def config_from_args(ns: argparse.Namespace) -> tuple[ServerConfig, list[str]]:
         persistent=persistent,
         handshake_timeout=ns.handshake_timeout,
         max_in_flight=ns.max_in_flight,
+        max_in_flight_bytes=parse_size(ns.max_in_flight_bytes, what="--max-in-flight-bytes"),
         pid_file=ns.pid_file,
         run=ns.run,
         snapshot=ns.snapshot,

@@ -52,6 +52,7 @@ class ServerConfig:
     persistent: bool = True
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_in_flight_bytes: int = 64 << 20
     pid_file: str | None = None
     #: Captive mode: run this shell command against the server, exit with its status.
     run: str | None = None

@@ -15,7 +15,7 @@ import trio
 
 from protocol import TLSMode
 
-from .connection import Connection, TLSAuthz
+from .connection import DEFAULT_MAX_IN_FLIGHT_BYTES, Connection, TLSAuthz
 from .exports import Catalogue
 from .listeners import Listener
 from .log import get_logger
@@ -31,7 +31,9 @@ _TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOB
 class Server:
     def __init__(self, catalogue: Catalogue, *, max_connections: int = 0,
                  persistent: bool = True, handshake_timeout: float = 10.0,
-                 max_in_flight: int = 16, tls: TLSMode = TLSMode.OFF,
+                 max_in_flight: int = 16,
+                 max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
+                 tls: TLSMode = TLSMode.OFF,
                  ssl_context: ssl.SSLContext | None = None, tls_authz: TLSAuthz | None = None,
                  shutdown_grace: float = SHUTDOWN_GRACE) -> None:
         self.catalogue = catalogue
@@ -39,6 +41,7 @@ class Server:
         self.persistent = persistent
         self.handshake_timeout = handshake_timeout
         self.max_in_flight = max_in_flight
+        self.max_in_flight_bytes = max_in_flight_bytes
         self.tls = tls
         self.ssl_context = ssl_context
         self.tls_authz = tls_authz
@@ -140,7 +143,8 @@ class Server:
         try:
             conn = Connection(transport, self.catalogue,
                               handshake_timeout=self.handshake_timeout,
-                              max_in_flight=self.max_in_flight, tls=self.tls,
+                              max_in_flight=self.max_in_flight,
+                              max_in_flight_bytes=self.max_in_flight_bytes, tls=self.tls,
                               ssl_context=self.ssl_context, tls_authz=self.tls_authz)
             self.connections.add(conn)
             self.served += 1

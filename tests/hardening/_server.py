@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+MiB = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
 _UNIX_LISTENING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags column
@@ -131,3 +132,39 @@ def start(args: list[str], sock: Path, log: Path) -> Server:
             raise AssertionError(f"nbdserve did not listen on {sock}\n{server.log_tail()}")
         time.sleep(0.02)
     return server
+
+
+class Servers:
+    """Starts ``nbdserve -k SOCK [-t] [-e N] ARGS`` and remembers them for the health check."""
+
+    def __init__(self, logdir: Path, sockdir: Path) -> None:
+        self.logdir, self.sockdir = logdir, sockdir
+        self.servers: list[Server] = []
+
+    def __call__(self, *args: str, persistent: bool = True, shared: int | None = 0) -> Server:
+        n = len(self.servers)
+        sock = self.sockdir / f"s{n}.sock"
+        flags = ["-k", str(sock)]
+        flags += ["-t"] if persistent else []
+        flags += ["-e", str(shared)] if shared is not None else []
+        server = start([*flags, *args], sock, self.logdir / f"server{n}.log")
+        self.servers.append(server)
+        return server
+
+    def daemon(self, *args: str, sock: Path) -> Server:
+        """Start with exactly ``args`` (the storage-daemon dialect names its own socket)."""
+        server = start(list(args), sock, self.logdir / f"server{len(self.servers)}.log")
+        self.servers.append(server)
+        return server
+
+    def finish(self) -> None:
+        """Every server the test did not stop itself must still be running; then stop all."""
+        died = [s for s in self.servers if not s.stopped and not s.alive()]
+        running = [s for s in self.servers if s.alive()]
+        for s in running:  # signal all first: they shut down in parallel
+            s.proc.terminate()
+        for s in running:
+            s.stop()
+        assert not died, "server died during the test:\n" + "\n".join(
+            f"exit {s.proc.returncode}:\n{s.log_tail()}" for s in died
+        )

@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 
 from ._certs import Creds, make_creds
-from ._server import Server, start, target
-
-MiB = 1 << 20
+from ._server import MiB, Server, Servers, target
 
 
 @pytest.fixture(scope="session")
@@ -41,42 +39,6 @@ def image(tmp_path: Path) -> Path:
     with path.open("wb") as f:
         f.truncate(64 * MiB)
     return path
-
-
-class Servers:
-    """Starts ``nbdserve -k SOCK [-t] [-e N] ARGS`` and remembers them for the health check."""
-
-    def __init__(self, logdir: Path, sockdir: Path) -> None:
-        self.logdir, self.sockdir = logdir, sockdir
-        self.servers: list[Server] = []
-
-    def __call__(self, *args: str, persistent: bool = True, shared: int | None = 0) -> Server:
-        n = len(self.servers)
-        sock = self.sockdir / f"s{n}.sock"
-        flags = ["-k", str(sock)]
-        flags += ["-t"] if persistent else []
-        flags += ["-e", str(shared)] if shared is not None else []
-        server = start([*flags, *args], sock, self.logdir / f"server{n}.log")
-        self.servers.append(server)
-        return server
-
-    def daemon(self, *args: str, sock: Path) -> Server:
-        """Start with exactly ``args`` (the storage-daemon dialect names its own socket)."""
-        server = start(list(args), sock, self.logdir / f"server{len(self.servers)}.log")
-        self.servers.append(server)
-        return server
-
-    def finish(self) -> None:
-        """Every server the test did not stop itself must still be running; then stop all."""
-        died = [s for s in self.servers if not s.stopped and not s.alive()]
-        running = [s for s in self.servers if s.alive()]
-        for s in running:  # signal all first: they shut down in parallel
-            s.proc.terminate()
-        for s in running:
-            s.stop()
-        assert not died, "server died during the test:\n" + "\n".join(
-            f"exit {s.proc.returncode}:\n{s.log_tail()}" for s in died
-        )
 
 
 @pytest.fixture
@@ -112,6 +74,3 @@ def server(shared_server: Server) -> Iterator[Server]:
     assert shared_server.alive(), f"server died earlier:\n{shared_server.log_tail()}"
     yield shared_server
     assert shared_server.alive(), f"server died:\n{shared_server.log_tail()}"
-
-
-Serve = Servers

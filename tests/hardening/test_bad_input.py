@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from . import _nbdraw as nbd
-from ._server import Server
-from .conftest import MiB, Serve
+from ._server import MiB, Server, Servers
 
 NAME_MAX = 4096
 
@@ -40,7 +39,7 @@ def test_huge_option_length_disconnects_at_once(server: Server, opt: int, length
     nbd.assert_serves(server.sock)
 
 
-def test_export_name_of_4096_bytes_is_served_4097_refused(serve: Serve, image: Path) -> None:
+def test_export_name_of_4096_bytes_is_served_4097_refused(serve: Servers, image: Path) -> None:
     name = b"n" * NAME_MAX
     server = serve("-f", "raw", "-x", name.decode(), str(image))
     with nbd.connect(server.sock) as s:
@@ -204,7 +203,7 @@ def test_second_structured_reply_option(server: Server) -> None:
 # qemu CVE-2024-7409: shutdown while clients hold connections open.
 
 
-def test_sigterm_with_clients_connected_exits_cleanly(serve: Serve, image: Path) -> None:
+def test_sigterm_with_clients_connected_exits_cleanly(serve: Servers, image: Path) -> None:
     server = serve("-f", "raw", str(image))
     idle = nbd.connect(server.sock)
     nbd.handshake(idle)
@@ -249,7 +248,7 @@ def _trickle(socks: list[socket.socket], data: bytes, stop: threading.Event) -> 
 
 
 @pytest.mark.usefixtures("nbdserve_only")
-def test_idle_and_slow_handshakes_are_dropped(serve: Serve, image: Path) -> None:
+def test_idle_and_slow_handshakes_are_dropped(serve: Servers, image: Path) -> None:
     server = serve("--handshake-timeout", "1", "-f", "raw", str(image))
     fds_before = server.open_fds()
     silent = [nbd.connect(server.sock) for _ in range(40)]
@@ -289,7 +288,7 @@ def test_idle_and_slow_handshakes_are_dropped(serve: Serve, image: Path) -> None
 
 
 @pytest.mark.usefixtures("nbdserve_only")
-def test_connection_limit_frees_slots_of_idle_clients(serve: Serve, image: Path) -> None:
+def test_connection_limit_frees_slots_of_idle_clients(serve: Servers, image: Path) -> None:
     server = serve("--handshake-timeout", "1", "-f", "raw", str(image), shared=2)
     squatters = [nbd.connect(server.sock) for _ in range(4)]
     # The good client waits for a slot (or is turned away and retries), and gets served

@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 
 from . import _libnbd as libnbd
-from ._server import LIBNBD_PYTHON
-from .conftest import MiB, Servers
+from ._server import LIBNBD_PYTHON, MiB, Servers
 
 BLOCK = 4096
 SIZE = 8 * MiB

@@ -18,8 +18,7 @@ import pytest
 
 from . import _libnbd as libnbd
 from . import _nbdraw as nbd
-from ._server import Server
-from .conftest import Servers
+from ._server import Server, Servers
 
 pytestmark = pytest.mark.usefixtures("nbdserve_only")
 

@@ -26,8 +26,7 @@ from pathlib import Path
 import pytest
 
 from . import _nbdraw as nbd
-from ._server import Server
-from .conftest import MiB, Servers
+from ._server import MiB, Server, Servers
 
 pytestmark = pytest.mark.usefixtures("nbdserve_only")
 

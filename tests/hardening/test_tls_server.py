@@ -23,8 +23,7 @@ import pytest
 from . import _libnbd as libnbd
 from . import _nbdraw as nbd
 from ._certs import CLIENT_CN, CLIENT_O, Creds
-from ._server import NBDSERVE, Server, env
-from .conftest import MiB, Serve, Servers
+from ._server import NBDSERVE, MiB, Server, Servers, env
 
 pytestmark = pytest.mark.usefixtures("nbdserve_only")
 
@@ -240,7 +239,7 @@ def test_starttls_with_data_or_twice_is_invalid(tls_server: TLSServer, creds: Cr
         nbd.negotiate(t)
 
 
-def test_starttls_refused_when_tls_is_off(serve: Serve, image: Path) -> None:
+def test_starttls_refused_when_tls_is_off(serve: Servers, image: Path) -> None:
     server = serve("--tls", "off", "-f", "raw", str(image))
     with nbd.connect(server.sock) as s:
         nbd.greeting(s)

@@ -243,6 +243,8 @@ class ClientHandshake:
             return self._ack(pending, opt)
         if kind & 0x80000000:
             self._pending.popleft()
+            if option == Opt.SET_META_CONTEXT:  # a failed SET still replaces the selection
+                self._meta_export, self._meta_selected = None, {}
             try:
                 rep: Rep | int = Rep(kind)
             except ValueError:

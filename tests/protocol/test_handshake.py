@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol import (
     NEED_DATA,
@@ -651,3 +653,59 @@ def test_shutting_down() -> None:
     pair.client.export_name("disk")
     with pytest.raises(RemoteProtocolError, match="shuts down"):
         pair.pump()
+
+
+def test_export_flags_are_derived_not_copied() -> None:
+    from protocol import export_flags
+
+    export = ExportInfo(
+        "e", 1, TransmissionFlag.SEND_FAST_ZERO | TransmissionFlag.SEND_DF
+        | TransmissionFlag.BLOCK_STATUS_PAYLOAD | TransmissionFlag.READ_ONLY,
+    )  # fmt: skip
+    # FAST_ZERO needs WRITE_ZEROES; DF needs structured replies; HAS_FLAGS always.
+    assert export_flags(export, False) == TransmissionFlag.HAS_FLAGS | TransmissionFlag.READ_ONLY
+    assert export_flags(export, True) == (
+        TransmissionFlag.HAS_FLAGS | TransmissionFlag.READ_ONLY | TransmissionFlag.SEND_DF
+    )
+
+
+_ACTIONS = st.lists(
+    st.one_of(
+        st.just(("structured_reply",)),
+        st.just(("extended_headers",)),
+        st.just(("list_exports",)),
+        st.tuples(st.just("set_meta_context"), st.sampled_from(["", "disk", "ro", "x"]),
+                  st.lists(st.sampled_from(["base:allocation", "base:", "qemu:",
+                                            "qemu:allocation-depth", "qemu:dirty-bitmap:b0"]),
+                           max_size=3)),
+        st.tuples(st.just("info"), st.sampled_from(["", "disk", "ro", "x"]),
+                  st.lists(st.sampled_from(list(Info)), max_size=3)),
+    ),
+    max_size=6,
+)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(actions=_ACTIONS, go=st.sampled_from(["", "disk", "ro"]),
+       requests=st.lists(st.sampled_from(list(Info)), max_size=3),
+       chunk=st.sampled_from([None, 1, 5]))  # fmt: skip
+def test_random_conversations_agree(
+    actions: list[tuple[Any, ...]], go: str, requests: list[Info], chunk: int | None
+) -> None:
+    pair = HandshakePair(chunk=chunk)
+    for name, *args in actions:
+        getattr(pair.client, name)(*args)
+    pair.client.go(go, requests)
+    pair.pump()
+    assert pair.server_ready is not None and pair.client_ready is not None
+    server, client = pair.server_ready.session, pair.client_ready.session
+    assert server.flags == client.flags
+    assert (server.structured, server.extended) == (client.structured, client.extended)
+    assert server.block_size == client.block_size
+    sets = [a for a in actions if a[0] == "set_meta_context"]
+    if sets and sets[-1][1] == go:  # same name in SET and GO: both sides must agree
+        assert dict(server.contexts) == dict(client.contexts)
+    if not sets:
+        assert server.contexts == {} == client.contexts
+    assert server.export.size == client.export.size
+    assert len(pair.server_events) == len(actions) + 1

@@ -24,7 +24,7 @@ __all__ = ["Graph", "open_graph"]
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
 _DISCARD = {"ignore": "ignore", "off": "ignore", "unmap": "unmap", "on": "unmap"}
 _DETECT_ZEROES = ("off", "on", "unmap")
-_GENERIC = {"node-name", "driver", "read-only", "discard", "detect-zeroes", "cache"}
+_GENERIC = {"node-name", "driver", "read-only", "discard", "detect-zeroes", "cache", "copy-on-read"}
 
 
 async def open_graph(options: Iterable[Mapping[str, Any] | str]) -> Graph:
@@ -313,9 +313,7 @@ class Graph:
                         done.driver.abort_perm()
                     if isinstance(exc, GraphError):
                         raise
-                    raise GraphError.at(
-                        node.name, None, f"cannot take permissions: {exc}"
-                    ) from exc
+                    raise GraphError.at(node.name, None, f"cannot take permissions: {exc}") from exc
                 checked.append(node)
         # Commit: nothing below can fail.
         for edge, target in changes.items():
@@ -359,6 +357,7 @@ _TOP_DEFAULTS: Mapping[str, Any] = {
     "detect_zeroes": "off",
     "cache_direct": False,
     "cache_no_flush": False,
+    "copy_on_read": False,
 }
 
 
@@ -372,6 +371,7 @@ def _child_defaults(parent: Node, role: Role) -> dict[str, Any]:
         "detect_zeroes": "off",
         "cache_direct": parent.cache_direct,
         "cache_no_flush": parent.cache_no_flush,
+        "copy_on_read": False,  # a top-only option, as in qemu
     }
 
 
@@ -389,6 +389,9 @@ def _generic_options(
             if value not in _DISCARD:
                 raise ValueError(f"expected ignore or unmap, got {value!r}")
             out["discard"] = _DISCARD[value]
+        key = "copy-on-read"
+        if key in opts:
+            out["copy_on_read"] = parse_bool(opts.pop(key))
         key = "detect-zeroes"
         if key in opts:
             value = opts.pop(key)
@@ -414,6 +417,8 @@ def _generic_options(
         raise GraphError.at(name, key, str(exc)) from None
     if out["detect_zeroes"] == "unmap" and out["discard"] != "unmap":
         raise GraphError.at(name, "detect-zeroes", "'unmap' needs discard=unmap")
+    if out["copy_on_read"] and out["read_only"]:
+        raise GraphError.at(name, "copy-on-read", "a read-only node cannot copy data into itself")
     return out
 
 

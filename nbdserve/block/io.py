@@ -27,6 +27,8 @@ __all__ = ["Child"]
 _ENOTSUP = {errno.ENOTSUP, errno.EOPNOTSUPP}
 #: Largest zero buffer written when a driver cannot zero by itself.
 ZERO_CHUNK = 1 << 20
+#: Copy-on-read copies backing data up in pieces of at least this size (cf. a qcow2 cluster).
+COPY_ON_READ_GRANULE = 1 << 16
 _WRITE_PERMS = Perm.WRITE | Perm.WRITE_UNCHANGED
 _STATUS_RESULT_LIMIT = 1 << 20
 
@@ -139,7 +141,7 @@ class Child:
         node = self.node
         if (
             offset >= 0
-            and 0 < length <= node._max_xfer
+            and 0 < length <= node._read_max
             and offset + length <= node._size
             and not (offset | length) & node._align_mask
         ):
@@ -169,7 +171,7 @@ class Child:
         start = offset & ~mask
         end = (offset + length + mask) & ~mask
         rd = node._drv_read_nowait
-        if end - start > node._max_xfer or rd is None:
+        if end - start > node._read_max or rd is None:
             return None
         try:
             buf = rd(start, end - start)
@@ -188,7 +190,7 @@ class Child:
         node = self.node
         if (
             offset >= 0
-            and 0 < length <= node._max_xfer
+            and 0 < length <= node._read_max
             and offset + length <= node._size
             and not (offset | length) & node._align_mask
         ):
@@ -215,6 +217,8 @@ class Child:
             mask = node._align_mask
             start = offset & ~mask
             end = (offset + length + mask) & ~mask
+            if node.copy_on_read:
+                await _copy_up(node, start, end)
             buf = await _read_aligned(node, start, end - start)
         except OSError as exc:
             node.stats.error(exc)
@@ -393,16 +397,20 @@ class Child:
         await flush_node(self.node)
 
     async def cache(self, offset: int, length: int) -> None:
-        """A prefetch hint; a no-op where the driver has no use for it."""
+        """A prefetch hint: copies backing data up on a copy-on-read node, else passes the
+        hint to the driver; a no-op where neither has a use for it."""
         node = self.node
         try:
             _check_range(node, offset, length)
             fn = node._drv_cache
-            if fn is not None and length:
+            if length and (fn is not None or node.copy_on_read):
                 mask = node._align_mask
                 start = offset & ~mask
                 end = min((offset + length + mask) & ~mask, (node._size + mask) & ~mask)
-                await fn(start, end - start)
+                if node.copy_on_read:
+                    await _copy_up(node, start, end)
+                else:
+                    await fn(start, end - start)  # type: ignore[misc]
         except OSError as exc:
             node.stats.error(exc)
             raise
@@ -503,6 +511,38 @@ async def _read_aligned(node: Node, offset: int, length: int) -> Buffer:
         out[pos : pos + len(piece)] = piece
         pos += n
     return out
+
+
+async def _copy_up(node: Node, start: int, end: int) -> None:
+    """Copy-on-read: copy what this node's backing chain supplies for ``start..end``
+    (widened to COPY_ON_READ_GRANULE) into the node itself, so later reads are served here.
+    Serialising, so a write can't land between the copy's read and its write. Ranges that
+    are unallocated all the way down read as zeros and are left alone."""
+    from .status import status_above
+
+    if node.backing is None and node.filtered is None:
+        return  # nothing below to copy from
+    granule = max(node._align_mask + 1, COPY_ON_READ_GRANULE)
+    mask = node._align_mask
+    start -= start % granule
+    end = min(-(-end // granule) * granule, (node._size + mask) & ~mask)
+    tracker = node._tracker
+    req = await tracker.begin(start, end, True)
+    try:
+        pos = start
+        while pos < min(end, node._size):
+            ext = await status_above(node, pos, end - pos)
+            n = ext.length
+            if ext.depth > 1:
+                piece_end = min((pos + n + mask) & ~mask, end)
+                data = await _read_aligned(node, pos, piece_end - pos)
+                flags = ReqFlags.WRITE_UNCHANGED & node._write_flags
+                await _write_aligned(node, pos, data, flags)
+                node.stats.copy_on_read_bytes += piece_end - pos
+                n = piece_end - pos
+            pos += n
+    finally:
+        tracker.end(req)
 
 
 async def _write_tracked(node: Node, offset: int, data: Buffer, flags: ReqFlags) -> None:

@@ -57,6 +57,7 @@ class Node:
         detect_zeroes: str = "off",
         cache_direct: bool = False,
         cache_no_flush: bool = False,
+        copy_on_read: bool = False,
     ) -> None:
         self.graph = graph
         self.name = name
@@ -67,6 +68,8 @@ class Node:
         self.detect_zeroes = detect_zeroes
         self.cache_direct = cache_direct
         self.cache_no_flush = cache_no_flush
+        #: Reads copy data supplied by the backing chain into this node.
+        self.copy_on_read = copy_on_read
         self.children: dict[str, Child] = {}
         self.parents: list[Child] = []
         #: Child options given as JSON null ("no backing file", even if the image names one).
@@ -85,6 +88,8 @@ class Node:
         self._size = 0
         self._align_mask = 0
         self._max_xfer = UNLIMITED
+        #: The largest read the fast path takes: 0 sends every read down the slow path.
+        self._read_max = UNLIMITED
         self._fast_write = False
         self._write_flags = ReqFlags.NONE
         self._zero_flags = ReqFlags.NONE
@@ -159,6 +164,7 @@ class Node:
             "discard": self.discard,
             "detect-zeroes": self.detect_zeroes,
             "cache": {"direct": self.cache_direct, "no-flush": self.cache_no_flush},
+            "copy-on-read": self.copy_on_read,
             "request-alignment": self.limits.request_alignment,
             "max-transfer": self.limits.max_transfer,
             "perm": describe(self.perm),
@@ -183,6 +189,7 @@ class Node:
         self._align_mask = align - 1
         max_xfer = lim.max_transfer or UNLIMITED
         self._max_xfer = max(align, max_xfer - max_xfer % align)
+        self._read_max = 0 if self.copy_on_read else self._max_xfer
         filtered = self.filtered
         if type(drv).length is Driver.length and filtered is not None:
             self._size = filtered.node._size
@@ -280,7 +287,7 @@ class Node:
             can_discard=not read_only and self.can_discard(),
             can_zero=not read_only,
             can_fast_zero=not read_only and self.can_fast_zero(),
-            can_cache=self._drv_cache is not None,
+            can_cache=self._drv_cache is not None or self.copy_on_read,
             has_block_status=self.has_block_status(),
             multi_conn_safe=True,
         )

@@ -13,6 +13,7 @@ class NodeStats:
     __slots__ = (
         "block_status_ops",
         "cache_ops",
+        "copy_on_read_bytes",
         "discard_bytes",
         "discard_ops",
         "errors",
@@ -42,6 +43,8 @@ class NodeStats:
         self.block_status_ops = 0
         #: Requests through the read-modify-write path (unaligned writes and zero edges).
         self.rmw_ops = 0
+        #: Bytes copied up from the backing chain by copy-on-read.
+        self.copy_on_read_bytes = 0
         #: Failed requests by errno name ("EIO", "ENOSPC", ...; "E?" when errno is unset).
         self.errors: dict[str, int] = {}
 

@@ -251,3 +251,75 @@ async def test_alignment_larger_than_the_image_tail() -> None:
     extents = await child.block_status(600, 400)
     assert sum(e.length for e in extents) == 400 and extents[-1].status & Status.EOF
     await graph.close()
+
+
+# -- copy-on-read (a generic node option) ---------------------------------------------------
+
+
+async def _cor_graph(top: str) -> Any:
+    graph = await open_graph(["driver=memory,node-name=base,size=1M", top])
+    base = graph.attach("base", perm=RW, user="base writer")
+    await base.write(0, bytes(range(256)) * 4096)
+    base.detach()
+    return graph
+
+
+async def test_copy_on_read_fills_the_overlay() -> None:
+    graph = await _cor_graph("driver=memory,node-name=top,backing=base,copy-on-read=on")
+    top = graph.attach("top")
+    assert top.read_nowait(0, 10) is None  # copy-on-read always takes the async path
+    assert bytes(await top.read(100_000, 10)) == (bytes(range(256)) * 4096)[100_000:100_010]
+    # The 64 KiB granule around the read is now allocated in the overlay.
+    depths = [(e.length, e.depth) for e in await top.allocation_depth(0, 4 * 65536)]
+    assert depths == [(65536, 2), (65536, 1), (2 * 65536, 2)]
+    assert graph.node("top").stats.copy_on_read_bytes == 65536
+    # A second read copies nothing more.
+    await top.read(100_000, 10)
+    assert graph.node("top").stats.copy_on_read_bytes == 65536
+    # CACHE prefetches everything; the data is unchanged and now all in the overlay.
+    assert top.caps.can_cache
+    await top.cache(0, 1 << 20)
+    assert [(e.length, e.depth) for e in await top.allocation_depth(0, 1 << 20)] == [(1 << 20, 1)]
+    assert bytes(await top.read(0, 1 << 20)) == bytes(range(256)) * 4096
+    await graph.close()
+
+
+async def _copy_on_read_race(delay_ms: int) -> None:
+    # base <- dbg (slow reads) <- top (copy-on-read): while the copy-up of a granule
+    # waits for base's data, a write of that whole granule arrives (it needs no copy-up of
+    # its own, so it could finish at once); the stale copy must not overwrite it.
+    graph = await _cor_graph(
+        f"driver=blkdebug,node-name=dbg,image=base,inject-delay.0.ms={delay_ms}"
+    )
+    await graph.add("driver=memory,node-name=top,backing=dbg,copy-on-read=on")
+    user = graph.attach("top", perm=RW, user="user")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(user.read, 0, 10)
+        await trio.sleep(0)
+        nursery.start_soon(user.write, 0, b"\xee" * 65536)
+    assert graph.node("top").stats.copy_on_read_bytes == 65536
+    assert bytes(await user.read(0, 65536)) == b"\xee" * 65536
+    await graph.close()
+
+
+async def test_copy_on_read_never_loses_a_concurrent_write() -> None:
+    await _copy_on_read_race(5)
+
+
+async def test_copy_on_read_needs_a_writable_node() -> None:
+    with pytest.raises(GraphError, match="'copy-on-read'"):
+        await open_graph(["driver=memory,node-name=m,size=1M,read-only=on,copy-on-read=on"])
+
+
+async def test_copy_on_read_race_control(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The control experiment: without serialisation the test above loses the write.
+    from nbdserve.block.tracking import TrackedRequest, Tracker
+
+    async def no_wait(self: Tracker, start: int, end: int, serialising: bool) -> Any:
+        req = TrackedRequest(start, end, False)
+        self.requests.append(req)
+        return req
+
+    monkeypatch.setattr(Tracker, "begin", no_wait)
+    with pytest.raises(AssertionError):
+        await _copy_on_read_race(300)  # long enough that the write surely comes first

@@ -142,13 +142,17 @@ def server_context(creds_dir: Path, *, verify_peer: bool = True) -> ssl.SSLConte
 
 
 def _escape(value: str) -> str:
-    # RFC 4514 escaping, as gnutls applies it to attribute values.
-    out = "".join("\\" + ch if ch in ',+"\\<>;' else ch for ch in value)
-    if out.startswith((" ", "#")):
-        out = "\\" + out
-    if out.endswith(" ") and not out.endswith("\\ "):
-        out = out[:-1] + "\\ "
-    return out
+    """RFC 4514 escaping of an attribute value, as gnutls applies it."""
+    last = len(value) - 1
+    out = []
+    for i, ch in enumerate(value):
+        if ch == "\0":
+            out.append("\\00")
+        elif ch in ',+"\\<>;' or (i == 0 and ch in " #") or (i == last and ch == " "):
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def peer_names(ssl_object: HasPeerCert) -> tuple[str, str] | None:

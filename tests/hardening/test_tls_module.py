@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import nbdserve.tls
 from nbdserve.tls import TLSCredsError, check_authz, peer_names, server_context
@@ -178,3 +180,62 @@ def test_psk_statement_in_docstring_is_true() -> None:
     assert nbdserve.tls.__doc__ is not None
     assert "TLS-PSK" in nbdserve.tls.__doc__ and "not available" in nbdserve.tls.__doc__
     assert not has_psk
+
+
+# The DN string is what --tls-authz compares, so two different subjects must never render the
+# same: the rendering must be decodable back to the subject it came from.
+
+_ATTRS = ["commonName", "organizationName", "organizationalUnitName", "countryName"]
+_subjects = st.lists(
+    st.lists(st.tuples(st.sampled_from(_ATTRS), st.text(max_size=12)), min_size=1, max_size=2),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    parts, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == "\\":
+            cur += text[i : i + 2]
+            i += 2
+        elif text[i] == sep:
+            parts.append(cur)
+            cur, i = "", i + 1
+        else:
+            cur += text[i]
+            i += 1
+    return [*parts, cur]
+
+
+def _unescape(value: str) -> str:
+    out, i = "", 0
+    while i < len(value):
+        if value[i] == "\\":
+            if value[i + 1 : i + 3] == "00":
+                out, i = out + "\0", i + 3
+            else:
+                out, i = out + value[i + 1], i + 2
+        else:
+            out, i = out + value[i], i + 1
+    return out
+
+
+@given(_subjects)
+def test_dn_rendering_is_unambiguous(subject: list[list[tuple[str, str]]]) -> None:
+    class Fake:
+        def getpeercert(self) -> object:
+            return {"subject": tuple(tuple(rdn) for rdn in subject)}
+
+    names = peer_names(Fake())
+    assert names is not None
+    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+             "countryName": "C"}  # fmt: skip
+    decoded = [
+        [
+            (attr, _unescape(value))
+            for attr, value in (a.split("=", 1) for a in _split_unescaped(rdn, "+"))
+        ]
+        for rdn in _split_unescaped(names[1], ",")
+    ]
+    assert decoded == [[(short[a], v) for a, v in rdn] for rdn in subject]

@@ -90,14 +90,6 @@ async def _file_direct(tmp: Path) -> Options:
     ]
 
 
-async def _file_direct(tmp: Path) -> Options:
-    # O_DIRECT: the driver probes its alignment (4 KiB here), so unaligned requests go
-    # through padding and read-modify-write in the generic layer.
-    options = await _file(tmp)
-    options[0]["cache"] = {"direct": True}
-    return options
-
-
 async def _raw_file(tmp: Path) -> Options:
     path = tmp / "disk.img"
     with open(path, "wb") as f:
@@ -133,7 +125,6 @@ CONFIGS = [
     Config("raw-offset", _raw_offset),
     Config("blkdebug", _blkdebug),
     Config("file", _file),
-    Config("file-direct", _file_direct),
     Config("file-direct", _file_direct),
     Config("raw-file", _raw_file),
     Config("qcow2", _qcow2),

@@ -655,37 +655,6 @@ async def test_block_device(loop_device: str) -> None:
         await d.close()
 
 
-# -- thread pool -------------------------------------------------------------------------------
-async def test_thread_pool_is_bounded() -> None:
-    import threading
-
-    lock = threading.Lock()
-    state = {"now": 0, "max": 0}
-    both_in = threading.Event()
-
-    def work() -> None:
-        with lock:
-            state["now"] += 1
-            state["max"] = max(state["max"], state["now"])
-            if state["now"] == 2:
-                both_in.set()
-        both_in.wait(10)
-        with lock:
-            state["now"] -= 1
-
-    old = threads.max_threads()
-    threads.set_max_threads(2)
-    try:
-        async with trio.open_nursery() as nursery:
-            for _ in range(6):
-                nursery.start_soon(threads.run_sync, work)
-    finally:
-        threads.set_max_threads(old)
-    assert state["max"] == 2
-    with pytest.raises(ValueError):
-        threads.set_max_threads(0)
-
-
 # -- the event loop never waits for the disk ---------------------------------------------------
 async def test_a_slow_disk_does_not_stall_the_event_loop(
     drv: FileDriver, monkeypatch: pytest.MonkeyPatch

@@ -108,6 +108,10 @@ class ClientHandshake:
         self._buffer.feed(data)
 
     def data_to_send(self) -> bytes:
+        """Bytes to send to the server; options queued early wait for the greeting, because
+        the client flags must go first."""
+        if self._state is _State.GREETING:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out

@@ -245,17 +245,22 @@ class Graph:
                 above.refresh()
 
     async def remove(self, node_name: str) -> None:
-        """Close a node nobody uses; its children stay in the graph."""
+        """Close a node nobody uses. Children it opened inline (auto-named ``#...``) go with
+        it once unused; named children stay in the graph."""
         node = self.node(node_name)
         if node.parents:
             users = ", ".join(e.user for e in node.parents)
             raise GraphError(f"node '{node_name}' is in use by {users}")
+        below = [e.node for e in node.children.values()]
         self._unlink(list(node.children.values()))
         node.children.clear()
         del self._nodes[node_name]
         if node.opened:
             node.opened = False
             await node.driver.close()
+        for child in below:
+            if child.name.startswith("#") and not child.parents and child.name in self._nodes:
+                await self.remove(child.name)
 
     async def close(self) -> None:
         """Flush and close every node, parents before children. Raises the first error

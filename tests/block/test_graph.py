@@ -346,6 +346,17 @@ async def test_remove_refuses_nodes_in_use() -> None:
     await graph.remove("r")
     await graph.remove("m")
     assert graph.nodes == {}
+    # Inline (auto-named) children go with their parent; named ones stay.
+    await graph.add(
+        {
+            "driver": "raw",
+            "node-name": "r",
+            "file": {"driver": "raw", "file": {"driver": "memory", "node-name": "m", "size": 99}},
+        }
+    )
+    assert len(graph.nodes) == 3
+    await graph.remove("r")
+    assert list(graph.nodes) == ["m"]
 
 
 async def test_truncate_needs_resize_permission() -> None:

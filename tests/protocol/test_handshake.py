@@ -599,6 +599,7 @@ def test_client_rejects_a_non_nbd_server() -> None:
 def test_client_greeting_event() -> None:
     client = ClientHandshake()
     client.go("x")
+    assert client.data_to_send() == b""  # held back: the client flags must go first
     client.receive_data(_greeting())
     assert client.next_event() == ServerGreeting(3)
     out = client.data_to_send()

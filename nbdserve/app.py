@@ -47,7 +47,7 @@ def open_listeners(config: ServerConfig, private_dir: str | None) -> list[Listen
         return activated
     listen = config.listen
     if listen.unix_path is not None:
-        return [open_unix(listen.unix_path)]
+        return [open_unix(listen.unix_path, listen.unix_mode)]
     if listen.tcp_port is not None:
         return open_tcp(listen.tcp_host, listen.tcp_port)
     assert private_dir is not None, "captive mode without an address uses a private socket"

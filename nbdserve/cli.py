@@ -12,6 +12,7 @@ Only parsing lives here; :mod:`nbdserve.app` runs what the parse produced.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -55,6 +56,17 @@ def _typed(convert: type[int] | type[float], what: str) -> Callable[[str], int |
     return parse
 
 
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid socket mode {text!r}: expected octal, "
+                                         "like 600 or 660") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"invalid socket mode {text!r}: must be 0..777")
+    return mode
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Serve disk images and block graphs over NBD.",
                 epilog="FILE may be a pseudo-file: memory:SIZE (a sparse RAM disk) or "
@@ -87,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     net = p.add_argument_group("server")
     net.add_argument("-k", "--socket", metavar="PATH", help="listen on this Unix socket")
+    net.add_argument("--socket-mode", type=_octal_mode, default=0o600, metavar="MODE",
+                     help="permissions of the Unix socket, in octal (default 600: only the "
+                          "owner may connect)")
     net.add_argument("-p", "--port", type=_typed(int, "port"), metavar="PORT",
                      help=f"TCP port (default {DEFAULT_PORT})")
     net.add_argument("-b", "--bind", metavar="ADDR",
@@ -199,12 +214,13 @@ def config_from_args(ns: argparse.Namespace) -> tuple[ServerConfig, list[str]]:
         max_connections = ns.shared
     if ns.nbd_server is not None:
         listen, limit = parse_nbd_server(ns.nbd_server)
+        listen = dataclasses.replace(listen, unix_mode=ns.socket_mode)
         if ns.shared is None:
             max_connections = limit
     elif ns.stdin:
         listen = ListenSpec(stdin=True)
     elif ns.socket is not None:
-        listen = ListenSpec(unix_path=ns.socket)
+        listen = ListenSpec(unix_path=ns.socket, unix_mode=ns.socket_mode)
     elif ns.run is not None and ns.port is None and ns.bind is None:
         listen = ListenSpec()  # a private socket, chosen by the captive runner
     else:

@@ -35,6 +35,8 @@ class ListenSpec:
     ``systemd`` uses sockets passed by socket activation."""
 
     unix_path: str | None = None
+    #: Permissions of a Unix socket this server creates.
+    unix_mode: int = 0o600
     tcp_host: str | None = None
     tcp_port: int | None = None
     stdin: bool = False

@@ -82,12 +82,18 @@ def open_tcp(host: str | None, port: int) -> list[Listener]:
     return listeners
 
 
-def open_unix(path: str) -> Listener:
-    """Listen on a Unix socket at ``path``.
+#: Connecting needs write permission on the socket file: by default only its owner may, as
+#: every client that connects can read and (if writable) change the export.
+DEFAULT_SOCKET_MODE = 0o600
 
-    The socket is bound under a temporary name and renamed into place after ``listen()``, so
-    the path appears only once connections are accepted: a harness may poll for it. A stale
-    socket at ``path`` is replaced; any other kind of file is an error."""
+
+def open_unix(path: str, mode: int = DEFAULT_SOCKET_MODE) -> Listener:
+    """Listen on a Unix socket at ``path`` with permissions ``mode`` (whatever the umask).
+
+    The socket is bound under a temporary name, given its mode and renamed into place after
+    ``listen()``, so the path appears only once connections are accepted (a harness may poll
+    for it) and never with looser permissions. A stale socket at ``path`` is replaced; any
+    other kind of file is an error."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -105,6 +111,7 @@ def open_unix(path: str) -> Listener:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(bind_path)
         sock.bind(bind_path)
+        os.chmod(bind_path, mode)
         sock.listen(_BACKLOG)
         if bind_path != path:
             os.rename(bind_path, path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,16 @@ def _fd_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o660])
+def test_unix_socket_mode_ignores_umask(tmp_path: Path, mode: int) -> None:
+    old = os.umask(0)
+    try:
+        listener = open_unix(str(tmp_path / "s.sock"), mode)
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.stat(listener.address).st_mode) == mode
+    finally:
+        listener.close()

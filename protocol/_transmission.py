@@ -207,14 +207,17 @@ class ServerTransmission:
 
     # -- replying ------------------------------------------------------------------------------
 
-    def reply(self, request: Request, error: int = 0, message: str = "") -> bytes:
+    def reply(
+        self, request: Request, error: int = 0, message: str = "", *, offset: int | None = None
+    ) -> bytes:
         """The whole reply to a request that carries no data back.
 
         Use it for every command but a successful READ or BLOCK_STATUS, and for errors on
         any command. With ``error=0`` on a request that failed validation, the request's own
         error and message are used. Framing: an error chunk (with ``message``) under
         structured replies, a NONE chunk for success under extended headers, a simple reply
-        otherwise.
+        otherwise. ``offset`` (structured only) pins the failing byte of a READ: an
+        ERROR_OFFSET chunk instead of ERROR.
         """
         if error == 0 and request.error is not None:
             error, message = request.error, request.message
@@ -235,7 +238,13 @@ class ServerTransmission:
                 )  # fmt: skip
             return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie)
         if self._structured:
-            return self._chunk(request, _DONE, ReplyType.ERROR, self.error_payload(error, message))
+            payload = self.error_payload(error, message)
+            if offset is None:
+                return self._chunk(request, _DONE, ReplyType.ERROR, payload)
+            if not request.offset <= offset < request.offset + request.length:
+                raise LocalProtocolError(f"error offset {offset} outside the request")
+            payload += wire.U64.pack(offset)
+            return self._chunk(request, _DONE, ReplyType.ERROR_OFFSET, payload)
         return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, request.cookie)
 
     @staticmethod

@@ -246,6 +246,21 @@ def test_read_chunks_then_error() -> None:
     ]
 
 
+def test_error_offset_chunk() -> None:
+    client, server = connect("structured")
+    for buf in client.send(Request(4, Cmd.READ, offset=4096, length=8192)):
+        server.receive_data(bytes(buf))
+    ev = server.next_event()
+    assert isinstance(ev, Request)
+    with pytest.raises(LocalProtocolError, match="outside"):
+        server.reply(ev, Errno.EIO, "bad sector", offset=4095)
+    client.receive_data(server.reply(ev, Errno.EIO, "bad sector", offset=8192))
+    assert [client.next_event(), client.next_event()] == [
+        ErrorReply(4, Errno.EIO, "bad sector", 8192),
+        ReplyDone(4, Errno.EIO),
+    ]
+
+
 @pytest.mark.parametrize(
     ("pieces", "match"),
     [

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     need=""
-    for pkg in qemu-utils libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python fio; do
+    for pkg in qemu-utils libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python fio openssl; do
         dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
     done
     if [ -n "$need" ]; then

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ import pytest
 from tests.interop._server import (
     ImageFactory,
     MiB,
+    RunningServer,
     ServeFactory,
     ServerKind,
+    free_tcp_port,
     server_argv,
     subprocess_env,
 )
@@ -93,3 +96,16 @@ def test_export_survives_a_client_that_disconnects_mid_handshake(serve: ServeFac
             if cut:
                 s.recv(cut)
     run(["nbdinfo", "--size", server.uri()], server=server)
+
+
+def test_default_bind_and_limit_serve_loopback_clients_in_turn(
+    start_raw: Callable[..., RunningServer], image: Path
+) -> None:
+    # No -b (all addresses: nbdserve listens on IPv4 and IPv6) and no -e (one client at a
+    # time). Clients one after another on 127.0.0.1 must all be served, whichever listener
+    # the connection slot was last handed to.
+    port = free_tcp_port()
+    server = start_raw(["-t", "-p", str(port), "-f", "raw", str(image)], port=port)
+    for _ in range(3):
+        out = run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}"], server=server, timeout=20)
+        assert out.stdout.strip() == str(16 * MiB)

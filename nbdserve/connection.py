@@ -52,8 +52,8 @@ from .stats import ConnectionStats
 from .transport import StreamTransport, Transport
 from .types import Buffer
 
-#: One receive call asks for this much: many small requests, or a good piece of a big write.
-RECV_SIZE = 256 * 1024
+#: One receive call asks for this much: many small requests, or a whole 1 MiB write.
+RECV_SIZE = 1 << 20
 #: Replies gathered by one pass are sent once they hold this many bytes, which bounds the
 #: memory a burst of page-cache reads can pin.
 SEND_BATCH_BYTES = 4 << 20

@@ -109,3 +109,33 @@ def test_default_bind_and_limit_serve_loopback_clients_in_turn(
     for _ in range(3):
         out = run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}"], server=server, timeout=20)
         assert out.stdout.strip() == str(16 * MiB)
+
+
+def test_client_over_the_limit_waits_for_a_free_slot(serve: ServeFactory, image: Path) -> None:
+    # With -e 1 a second client is not refused: it waits (in the listen backlog, as with
+    # qemu-nbd) and is served once the first one leaves.
+    server = serve("-f", "raw", str(image), shared=1)
+    first = subprocess.Popen(["qemu-io", "-f", "raw", server.uri()], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env=subprocess_env())
+    second: subprocess.Popen[str] | None = None
+    try:
+        assert first.stdin is not None and first.stdout is not None
+        first.stdin.write(b"write -P 0x2b 0 4k\n")
+        first.stdin.flush()
+        while b"wrote 4096/4096" not in (line := first.stdout.readline()):
+            assert line, f"qemu-io ended early\n{server.describe()}"
+        second = subprocess.Popen(["nbdinfo", "--size", server.uri()], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=subprocess_env())
+        first.stdin.write(b"quit\n")
+        first.stdin.flush()
+        assert first.wait(30) == 0
+        out, err = second.communicate(timeout=30)
+        assert second.returncode == 0, f"{err}\n{server.describe()}"
+        assert out.strip() == str(16 * MiB)
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    qemu_io(server, "read -P 0x2b 0 4k")

@@ -4,10 +4,11 @@ The loop's shape comes from the benchmarks. A single reader takes every complete
 already received, serves at once those the block layer can complete without waiting (page
 cache reads and writes through ``read_nowait``/``write_nowait``), and sends all their replies
 with one ``sendmsg``. Requests that would block, and every other command, run as tasks, at most
-``max_in_flight`` at a time; when all slots are busy the reader stops reading, which pushes
-back on the client. Replies are written under one lock, each reply whole, so they never
-interleave. Nothing on this path logs unless debug logging is on; statistics are integers,
-summarised in one line when the connection ends.
+``max_in_flight`` at a time and ``max_in_flight_bytes`` of payload; when either is used up the
+reader stops reading, which pushes back on the client. One task writes at a time, each reply
+whole, so replies never interleave; replies that finish while it writes go out together in its
+next ``sendmsg``. Nothing on this path logs unless debug logging is on; statistics are
+integers, summarised in one line when the connection ends.
 """
 
 from __future__ import annotations

@@ -88,10 +88,22 @@ def test_run_nbdinfo_against_a_memory_disk() -> None:
     assert info["exports"][0]["export-size"] == 64 * MiB
 
 
-@pytest.mark.parametrize("status", [0, 3])
-def test_run_propagates_the_exit_status(status: int) -> None:
-    nbdserve("--run", f"nbdinfo --size \"$uri\" >/dev/null && exit {status}", "memory:1M",
-             expect_rc=status)
+@pytest.mark.parametrize("command", ["exit 0", "exit 3", "kill -TERM $$"])
+def test_run_exit_status_matches_nbdkit(command: str) -> None:
+    # nbdkit's captive mode is the reference: its exit status for the same command
+    # (a signal-killed command gives 128+N).
+    full = f'nbdinfo --size "$uri" >/dev/null && {command}'
+    expected = run(["nbdkit", "-U", "-", "memory", "1M", "--run", full],
+                   expect_rc=None).returncode
+    assert expected in (0, 3, 143)
+    nbdserve("--run", full, "memory:1M", expect_rc=expected)
+
+
+def test_run_is_not_started_when_the_server_cannot_start() -> None:
+    result = nbdserve("--run", "echo SHOULD-NOT-RUN", "-f", "raw", "/nonexistent/disk.img",
+                      expect_rc=1)
+    assert "SHOULD-NOT-RUN" not in result.stdout
+    assert "/nonexistent/disk.img" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_run_propagates_a_client_failure() -> None:

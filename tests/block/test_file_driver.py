@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,21 @@ async def test_read_nowait_returns_cached_data(drv: FileDriver, img: Path) -> No
     expected = img.read_bytes()  # also pulls the file into the page cache
     buf = drv.read_nowait(4096, 8192)
     assert buf is not None and bytes(buf) == expected[4096 : 4096 + 8192]
+
+
+async def test_tmpfs_serves_reads_and_writes_without_a_thread() -> None:
+    # tmpfs refuses RWF_NOWAIT (EOPNOTSUPP); nothing there waits for a disk, so the
+    # non-blocking paths must still serve it inline rather than fail or always go to threads.
+    path = make_file(Path(tempfile.mkdtemp(dir="/dev/shm")) / "img", 1 * MiB, {0: b"\x5a" * 4096})
+    d = await open_driver(path)
+    try:
+        buf = d.read_nowait(0, 4096)
+        assert buf is not None and bytes(buf) == b"\x5a" * 4096
+        assert d.write_nowait(8192, b"\xa5" * 4096, ReqFlags.NONE)
+        assert path.read_bytes()[8192:12288] == b"\xa5" * 4096
+    finally:
+        await d.close()
+        shutil.rmtree(path.parent)
 
 
 async def test_read_nowait_declines_uncached_data_and_read_uses_the_pool(

@@ -50,3 +50,20 @@ def block_device_discard(fd: int, offset: int, length: int) -> None:
     """``BLKDISCARD``: unmap a range of a block device (contents afterwards unspecified)."""
     fcntl.ioctl(fd, BLKDISCARD, struct.pack("QQ", offset, length))
 
+
+
+# <linux/magic.h>: filesystems that live in memory, where no read or write waits for a disk.
+_MEMORY_FS_MAGICS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_MAGIC
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+
+def is_memory_fs(fd: int) -> bool:
+    """Whether ``fd`` lives on tmpfs/ramfs. ``f_type`` is the first field of ``struct statfs``
+    (a machine word) on every Linux ABI; os.statvfs does not expose it."""
+    buf = ctypes.create_string_buffer(256)
+    if _fstatfs(fd, buf) != 0:
+        return False
+    f_type: int = ctypes.c_long.from_buffer(buf).value
+    return (f_type & 0xFFFFFFFF) in _MEMORY_FS_MAGICS

@@ -129,6 +129,10 @@ class FileDriver(Driver):
         self._align = 1
         self._pool = BufferPool()
         self._nowait_writes = True
+        self._nowait_reads = True
+        #: preadv/pwritev flags of the non-blocking paths: RWF_NOWAIT, or 0 on a filesystem
+        #: in memory (tmpfs refuses RWF_NOWAIT, and nothing there waits for a disk anyway).
+        self._rwf_nowait = _RWF_NOWAIT
         self._can_punch = False
         self._can_zero_range = False
         self._can_blkdiscard = False
@@ -185,6 +189,8 @@ class FileDriver(Driver):
         else:
             raise self._error("not a regular file or block device", key="filename")
         os.set_blocking(fd, True)
+        if sys_.is_memory_fs(fd):
+            self._rwf_nowait = 0
         if self.direct:
             self._align = self._probe_alignment()
         self._probe_fallocate()
@@ -289,14 +295,19 @@ class FileDriver(Driver):
 
     # -- reads ------------------------------------------------------------------------------
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
-        if length > NOWAIT_MAX:
+        if length > NOWAIT_MAX or not self._nowait_reads:
             return None
         buf = self._pool.take(length)
         try:
-            if _preadv(self.fd, [buf], offset, _RWF_NOWAIT) == length:
+            if _preadv(self.fd, [buf], offset, self._rwf_nowait) == length:
                 return buf
         except BlockingIOError:
             pass
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise
+            # This filesystem can't do non-blocking buffered reads: stop asking.
+            self._nowait_reads = False
         # Not cached, or a short read (partly cached, or the file shrank): read() decides.
         return None
 
@@ -325,7 +336,7 @@ class FileDriver(Driver):
         if flags & _FUA or not self._nowait_writes or len(data) > NOWAIT_MAX:
             return False
         try:
-            return _pwritev(self.fd, [data], offset, _RWF_NOWAIT) == len(data)
+            return _pwritev(self.fd, [data], offset, self._rwf_nowait) == len(data)
         except BlockingIOError:
             return False
         except OSError as exc:

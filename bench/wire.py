@@ -85,9 +85,11 @@ def cases() -> dict[str, dict[str, Callable[[], object]]]:
         head = wire.ChunkHeader.build(dict(flags=1, type=1, cookie=42, length=4104))
         return [head + wire.OffsetDataHeader.build(dict(offset=1 << 20)), data]
 
+    offset_compiled = wire.OffsetDataHeader.compile()
+
     def compiled_read_reply() -> object:
         head = wire.ChunkHeaderCompiled.build(dict(flags=1, type=1, cookie=42, length=4104))
-        return [head + wire.OffsetDataHeader.build(dict(offset=1 << 20)), data]
+        return [head + offset_compiled.build(dict(offset=1 << 20)), data]
 
     assert wire.REQUEST.unpack(flush)[0] == REQUEST_MAGIC
     # fmt: off

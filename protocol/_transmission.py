@@ -131,7 +131,12 @@ class ServerTransmission:
         return len(self._buffer)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Buffer bytes from the client; ``b""`` means EOF."""
+        """Buffer bytes from the client; ``b""`` means EOF.
+
+        Drain :meth:`next_event` until NEED_DATA before feeding more: the buffer then never
+        holds more than one incomplete request (header + at most ``max_payload``) plus the
+        bytes just fed.
+        """
         self._buffer.feed(data)
 
     def next_event(self) -> Request | Disconnect | Closed | NeedData:

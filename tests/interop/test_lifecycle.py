@@ -139,3 +139,16 @@ def test_client_over_the_limit_waits_for_a_free_slot(serve: ServeFactory, image:
                 process.kill()
                 process.wait()
     qemu_io(server, "read -P 0x2b 0 4k")
+
+
+def test_socket_activation_by_libnbd_tools(kind: ServerKind, make_image: ImageFactory,
+                                           tmp_path: Path) -> None:
+    # `nbdinfo/nbdcopy -- [ SERVER ... ]` start the server themselves and hand it a
+    # listening socket through LISTEN_FDS (systemd socket activation).
+    image = make_image(8 * MiB, {MiB: b"\x17" * MiB})
+    server = [*server_argv(kind), "-f", "raw", str(image)]
+    size = run(["nbdinfo", "--size", "--", "[", *server, "]"]).stdout.strip()
+    assert size == str(8 * MiB)
+    out = tmp_path / "activated-copy.img"
+    run(["nbdcopy", "--", "[", *server, "]", str(out)])
+    assert out.read_bytes() == image.read_bytes()

@@ -32,6 +32,9 @@ class Plan:
     fresh_per_cell: bool = True
     profile_dir: Path | None = None  # py-spy every nbdserve cell into this directory
     load_before: float = field(default_factory=lambda: os.getloadavg()[0])
+    # Taken when the plan is made: the tree may change while a long run goes on.
+    started: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    versions: dict[str, str] = field(default_factory=lambda: tool_versions())
 
 
 def fill_random(path: Path, size: int) -> None:
@@ -164,6 +167,18 @@ def _version(argv: list[str]) -> str:
     return lines[0] if lines else "unknown"
 
 
+def tool_versions() -> dict[str, str]:
+    repo = Path(__file__).resolve().parent.parent
+    return {
+        "nbdserve": _version(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]),
+        "qemu-nbd": _version(["qemu-nbd", "--version"]),
+        "nbdkit": _version(["nbdkit", "--version"]),
+        "fio": _version(["fio", "--version"]),
+        "nbdcopy": _version(["nbdcopy", "--version"]),
+        "python": platform.python_version(),
+    }
+
+
 def describe_machine(plan: Plan) -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -173,9 +188,8 @@ def describe_machine(plan: Plan) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    repo = Path(__file__).resolve().parent.parent
     return {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": plan.started,
         "machine": f"{os.cpu_count()} cores, {cpu}, Linux {platform.release()}",
         "size": plan.size,
         "size_human": f"{plan.size / 2**20:.0f} MiB",
@@ -184,14 +198,7 @@ def describe_machine(plan: Plan) -> dict[str, Any]:
         "runtime": plan.runtime,
         "rows": [r.key for r in plan.rows],
         "servers": [s.key for s in plan.servers],
-        "versions": {
-            "nbdserve": _version(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]),
-            "qemu-nbd": _version(["qemu-nbd", "--version"]),
-            "nbdkit": _version(["nbdkit", "--version"]),
-            "fio": _version(["fio", "--version"]),
-            "nbdcopy": _version(["nbdcopy", "--version"]),
-            "python": platform.python_version(),
-        },
+        "versions": plan.versions,
         "fresh_per_cell": plan.fresh_per_cell,
         "profiled": plan.profile_dir is not None,
         "errors": plan.errors,

@@ -108,16 +108,18 @@ class Server:
     async def _accept_loop(self, listener: Listener, nursery: trio.Nursery) -> None:
         sock = listener.sock
         while True:
+            conn_sock = await self._accept(sock)
             if self._slots is not None:
-                # At the limit, stop accepting: further clients wait in the listen backlog,
-                # as with qemu-nbd -e N.
-                await self._slots.acquire()
-            try:
-                conn_sock = await self._accept(sock)
-            except BaseException:
-                if self._slots is not None:
-                    self._slots.release()
-                raise
+                # At the limit, a new client waits for a free slot before it gets its
+                # greeting (as with qemu-nbd -e N), and this listener accepts nobody else
+                # meanwhile. Taking the slot only after accept() matters with several
+                # listeners (IPv4 and IPv6): a slot held by an idle accept() on one of them
+                # would starve clients of the other.
+                try:
+                    await self._slots.acquire()
+                except BaseException:
+                    conn_sock.close()
+                    raise
             peer = _peer_name(conn_sock, listener)
             transport = SocketTransport(conn_sock, kind=listener.kind, peer=peer)
             nursery.start_soon(self._handle, transport, self._slots)

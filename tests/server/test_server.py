@@ -472,3 +472,26 @@ async def test_payload_budget_bounds_requests_in_flight(nursery: trio.Nursery,
         inner.cancel_scope.cancel()
     assert 0 < peak <= 2 * MiB
     assert await client.read(3 * MiB, 4) == b"\3" * 4
+
+
+async def test_connection_limit_with_several_listeners(nursery: trio.Nursery,
+                                                       tmp_path: Path) -> None:
+    # Two listeners, one slot: clients on either listener are served in turn (a slot must
+    # not sit with an idle accept on the other listener).
+    from nbdserve.block import open_graph
+    from nbdserve.exports import Catalogue, attach_exports
+    from nbdserve.listeners import open_unix
+    from nbdserve.server import Server
+
+    graph = await open_graph([{"driver": "memory", "node-name": "m0", "size": MiB}])
+    exports = attach_exports(graph, [ExportSpec(name="", node_name="m0")],
+                             multi_conn_allowed=False)
+    server = Server(Catalogue(exports), max_connections=1)
+    paths = [str(tmp_path / "a.sock"), str(tmp_path / "b.sock")]
+    await nursery.start(server.serve, [open_unix(p) for p in paths])
+    for path in [paths[0], paths[0], paths[1], paths[1], paths[0]]:
+        with trio.fail_after(5):
+            client = await NBDClient.connect(path)
+            assert await client.read(0, 1) == b"\0"
+            await client.disconnect()
+            assert await client.eof()

@@ -20,6 +20,7 @@ size=8M
 verify=crc32c
 verify_fatal=1
 do_verify=1
+verify_state_save=0
 {extra}
 [first-half]
 offset=0
@@ -39,7 +40,7 @@ def run_fio(server: RunningServer, tmp_path: Path, extra: str = "",
     job = tmp_path / "verify.fio"
     job.write_text(JOB.format(uri=server.uri(), extra=extra))
     result = run(["fio", "--output-format=json", str(job)], server=server,
-                 expect_rc=expect_rc, timeout=90)
+                 expect_rc=expect_rc, timeout=90, cwd=tmp_path)
     return result.returncode, result.stdout
 
 

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {DEFAULT_MAX_IN_FLIGHT})")
 
     net.add_argument("--max-in-flight-bytes", default="64M", metavar="SIZE",
-                     help="READ/WRITE payload bytes processed at once per connection "
+                     help="READ/WRITE payload bytes processed at once, all clients together "
                           "(default 64M)")
 
     qsd = p.add_argument_group("graphs (qemu-storage-daemon compatible)")

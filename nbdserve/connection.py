@@ -4,7 +4,7 @@ The loop's shape comes from the benchmarks. A single reader takes every complete
 already received, serves at once those the block layer can complete without waiting (page
 cache reads and writes through ``read_nowait``/``write_nowait``), and sends all their replies
 with one ``sendmsg``. Requests that would block, and every other command, run as tasks, at most
-``max_in_flight`` at a time and ``max_in_flight_bytes`` of payload; when either is used up the
+``max_in_flight`` at a time, within the server's payload budget; when either is used up the
 reader stops reading, which pushes back on the client. One task writes at a time, each reply
 whole, so replies never interleave; replies that finish while it writes go out together in its
 next ``sendmsg``. Nothing on this path logs unless debug logging is on; statistics are
@@ -62,10 +62,35 @@ SEND_BATCH_BYTES = 4 << 20
 #: Checks a TLS client after its handshake: None to accept, else the reason for refusing.
 TLSAuthz = Callable[[trio.SSLStream], "str | None"]
 
-#: Default payload budget per connection (see Connection.max_in_flight_bytes).
+#: Default payload budget of a server (see PayloadBudget).
 DEFAULT_MAX_IN_FLIGHT_BYTES = 64 << 20
 
 _ids = itertools.count(1)
+
+
+class PayloadBudget:
+    """READ/WRITE payload bytes held by request tasks, shared by every connection of a server
+    so that memory is bounded by configuration, not by how many clients pipeline big writes.
+    A connection with nothing in flight may always start one request: no one starves."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_IN_FLIGHT_BYTES) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = trio.Event()
+
+    def must_wait(self, own: int, cost: int) -> bool:
+        return own > 0 and self.used + cost > self.limit
+
+    async def wait_freed(self) -> None:
+        await self._freed.wait()
+
+    def take(self, cost: int) -> None:
+        self.used += cost
+
+    def give(self, cost: int) -> None:
+        self.used -= cost
+        self._freed.set()
+        self._freed = trio.Event()
 _READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
 _FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
 
@@ -73,7 +98,7 @@ _FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
 class Connection:
     def __init__(self, transport: Transport, catalogue: Catalogue, *,
                  handshake_timeout: float = 10.0, max_in_flight: int = 16,
-                 max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
+                 budget: PayloadBudget | None = None,
                  tls: TLSMode = TLSMode.OFF, ssl_context: ssl.SSLContext | None = None,
                  tls_authz: TLSAuthz | None = None) -> None:
         self.id = next(_ids)
@@ -98,11 +123,9 @@ class Connection:
         self._queued: list[Buffer] = []
         self._queue_sent = trio.Event()
         self._slots = trio.Semaphore(max_in_flight)
-        # READ/WRITE payload bytes held by request tasks: with the slot count this bounds a
-        # connection's memory whatever the client sends (one request may always run).
-        self.max_in_flight_bytes = max_in_flight_bytes
-        self._in_flight_bytes = 0
-        self._bytes_freed = trio.Event()
+        # Payload bytes of this connection's request tasks, against the server's budget.
+        self.budget = budget if budget is not None else PayloadBudget()
+        self.in_flight_bytes = 0
         self._tx: ServerTransmission
         self._ctx: CommandContext
 
@@ -281,18 +304,18 @@ class Connection:
                     # Back-pressure: with every slot (or the payload budget) in use, answer
                     # what is ready, then wait before taking more requests off the wire.
                     cost = event.length if event.cmd is Cmd.READ or event.cmd is Cmd.WRITE else 0
-                    if slots.value == 0 or (self._in_flight_bytes and self._in_flight_bytes
-                                            + cost > self.max_in_flight_bytes):
+                    budget = self.budget
+                    if slots.value == 0 or budget.must_wait(self.in_flight_bytes, cost):
                         if out:
                             await self._send(out)
                             out, pending = [], 0
-                        while (self._in_flight_bytes
-                               and self._in_flight_bytes + cost > self.max_in_flight_bytes):
-                            await self._bytes_freed.wait()
+                        while budget.must_wait(self.in_flight_bytes, cost):
+                            await budget.wait_freed()
                         await slots.acquire()
                     else:
                         slots.acquire_nowait()
-                    self._in_flight_bytes += cost
+                    self.in_flight_bytes += cost
+                    budget.take(cost)
                     nursery.start_soon(self._serve_later, event, cost)
                     continue
                 if event is NEED_DATA:
@@ -383,9 +406,8 @@ class Connection:
             await self._send(reply)
         finally:
             self._slots.release()
-            self._in_flight_bytes -= cost
-            self._bytes_freed.set()
-            self._bytes_freed = trio.Event()
+            self.in_flight_bytes -= cost
+            self.budget.give(cost)
 
     def _error_reply(self, request: Request, e: OSError) -> bytes:
         self.stats.errors += 1

@@ -15,7 +15,7 @@ import trio
 
 from protocol import TLSMode
 
-from .connection import DEFAULT_MAX_IN_FLIGHT_BYTES, Connection, TLSAuthz
+from .connection import DEFAULT_MAX_IN_FLIGHT_BYTES, Connection, PayloadBudget, TLSAuthz
 from .exports import Catalogue
 from .listeners import Listener
 from .log import get_logger
@@ -41,7 +41,7 @@ class Server:
         self.persistent = persistent
         self.handshake_timeout = handshake_timeout
         self.max_in_flight = max_in_flight
-        self.max_in_flight_bytes = max_in_flight_bytes
+        self.budget = PayloadBudget(max_in_flight_bytes)
         self.tls = tls
         self.ssl_context = ssl_context
         self.tls_authz = tls_authz
@@ -146,7 +146,7 @@ class Server:
             conn = Connection(transport, self.catalogue,
                               handshake_timeout=self.handshake_timeout,
                               max_in_flight=self.max_in_flight,
-                              max_in_flight_bytes=self.max_in_flight_bytes, tls=self.tls,
+                              budget=self.budget, tls=self.tls,
                               ssl_context=self.ssl_context, tls_authz=self.tls_authz)
             self.connections.add(conn)
             self.served += 1

@@ -453,14 +453,13 @@ async def test_payload_budget_bounds_requests_in_flight(nursery: trio.Nursery,
                              blockdevs=blkdebug(delay=[{"iotype": "write", "ms": 20}]),
                              exports=DBG_EXPORT)
     client = await srv.connect()
-    (conn,) = srv.server.connections
-    conn.max_in_flight_bytes = 2 * MiB
+    srv.server.budget.limit = 2 * MiB
     peak = 0
 
     async def watch() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, conn._in_flight_bytes)
+            peak = max(peak, srv.server.budget.used)
             await trio.sleep(0.001)
 
     async with trio.open_nursery() as inner:

@@ -82,6 +82,14 @@ def _probe_format(path: str) -> str:
         raise Qcow2FormatError(f"cannot open backing file {path!r}: {exc.strerror}") from exc
 
 
+class _Storage:
+    """The image file as the allocator sees it: writes try the non-blocking path first."""
+
+    def __init__(self, driver: Qcow2Driver) -> None:
+        self.read = driver.file.read
+        self.write = driver._fw
+
+
 class Qcow2Driver(Driver):
     name: ClassVar[str] = "qcow2"
     options: ClassVar[Mapping[str, Opt]] = {
@@ -140,7 +148,7 @@ class Qcow2Driver(Driver):
             if h.refcount_table_offset + h.refcount_table_clusters * self.cs > file.size:
                 raise Qcow2FormatError("refcount table lies beyond the end of the image file")
             self._refcounts = Refcounts(
-                file,
+                _Storage(self),
                 cluster_bits=self.cb,
                 refcount_order=h.refcount_order,
                 table_offset=h.refcount_table_offset,
@@ -201,11 +209,12 @@ class Qcow2Driver(Driver):
 
     async def _grow_file(self, min_size: int) -> None:
         """Make the image file at least ``min_size`` bytes, growing in steps so that a
-        run of allocations doesn't resize it every time. ``close`` trims the excess."""
+        run of allocations doesn't resize it every time (a resize costs a thread hop and a
+        graph refresh). ``close`` trims the excess; after a crash it is a sparse tail."""
         file = self.file
         if file.size >= min_size:
             return
-        step = max(1 << 20, 8 * self.cs, file.size // 8)
+        step = max(32 << 20, 8 * self.cs, file.size // 8)
         await file.truncate(max(min_size, file.size + step))
 
     def _writable(self) -> bool:
@@ -411,6 +420,41 @@ class Qcow2Driver(Driver):
         return out
 
     # -- write --------------------------------------------------------------------------
+    async def _fw(self, offset: int, data: Buffer) -> None:
+        """Write to the image file: in the page cache at once if possible, else via a thread.
+        Either way the write has completed when this returns, which the ordering needs."""
+        if not self.file.write_nowait(offset, data):
+            await self.file.write(offset, data)
+
+    def write_nowait(self, offset: int, data: Buffer, flags: ReqFlags) -> bool:
+        """In-place overwrite of clusters this image owns, without awaiting; False sends
+        the caller to ``write`` (allocation, locked clusters, uncached tables, flags)."""
+        if flags or not self._write_prepared:
+            return False
+        cb, cs = self.cb, self.cs
+        end = offset + len(data)
+        if self._locks.busy(offset >> cb, ((end - 1) >> cb) + 1):
+            return False
+        host_start = expect = -1
+        pos = offset
+        while pos < end:
+            cl = pos >> cb
+            nxt = min(end, (cl + 1) << cb)
+            table = self._table_nowait(cl >> self.l2_bits)
+            if not table:
+                return False
+            entry = table.entries[cl & self.l2_mask]
+            if not self._in_place(entry) or entry & (cs - 1):
+                return False
+            host = (entry & OFFSET_MASK) + (pos & (cs - 1))
+            if expect >= 0 and host != expect:
+                return False
+            if host_start < 0:
+                host_start = host
+            expect = host + nxt - pos
+            pos = nxt
+        return self.file.write_nowait(host_start, data)
+
     def _in_place(self, entry: int) -> bool:
         return entry & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO) == OFLAG_COPIED and bool(
             entry & OFFSET_MASK
@@ -419,6 +463,7 @@ class Qcow2Driver(Driver):
     async def write(self, offset: int, data: Buffer, flags: ReqFlags) -> None:
         cb = self.cb
         end = offset + len(data)
+        await self._prepare_write()
         async with self._locks.hold(offset >> cb, ((end - 1) >> cb) + 1):
             self._readers += 1  # our copy-on-write reads must not see clusters reused
             try:
@@ -452,7 +497,7 @@ class Qcow2Driver(Driver):
                         j += 1
                     a = max(offset, i << cb)
                     b = min(end, (j + 1) << cb)
-                    await self.file.write(host + a - (i << cb), data[a - offset : b - offset])
+                    await self._fw(host + a - (i << cb), data[a - offset : b - offset])
                 else:
                     while (
                         j < tlast
@@ -472,8 +517,15 @@ class Qcow2Driver(Driver):
         end = offset + len(data)
         a, b = max(offset, gstart), min(end, gend)
         buf: Buffer
+        table = await self._table(first >> self.l2_bits)
+        lo = first & self.l2_mask
+        zero_source = all(
+            self._reads_zero(table.entries[lo + k] if table is not None else 0) for k in range(n)
+        )
         if a == gstart and b == gend:
             buf = data[a - offset : b - offset]
+        elif zero_source:
+            buf = b""  # decided once we know whether the new clusters already read as zeros
         else:
             out = bytearray(n * cs)
             if a > gstart or (n == 1 and b < gend):
@@ -485,17 +537,32 @@ class Qcow2Driver(Driver):
         refcounts = await self._prepare_write()
         async with self._meta:
             host = await refcounts.allocate(n)
-        await self.file.write(host, buf)
+            fresh = refcounts.last_fresh
+        if buf:
+            await self._fw(host, buf)
+        elif fresh:
+            # Never-written space at the end of the file reads as zeros: only the new data
+            # needs writing (the copy-on-write parts are zeros anyway).
+            await self._fw(host + a - gstart, data[a - offset : b - offset])
+        else:
+            out = bytearray(n * cs)
+            out[a - gstart : b - gstart] = data[a - offset : b - offset]
+            await self._fw(host, out)
         async with self._meta:
             table = await self._writable_table(first >> self.l2_bits)
-            lo = first & self.l2_mask
             old = table.entries[lo : lo + n]
             table.entries[lo : lo + n] = array(
                 "Q", [(host + (k << cb)) | OFLAG_COPIED for k in range(n)]
             )
-            await self.file.write(table.offset + lo * 8, encode_entries(table.entries[lo : lo + n]))
+            await self._fw(table.offset + lo * 8, encode_entries(table.entries[lo : lo + n]))
             for entry in old:
                 await self._free_entry(entry)
+
+    def _reads_zero(self, entry: int) -> bool:
+        kind = classify(entry)
+        if kind is Kind.UNALLOCATED:
+            return self.backing is None
+        return kind is Kind.ZERO_PLAIN or kind is Kind.ZERO_ALLOC
 
     async def _free_entry(self, entry: int) -> None:
         """Drop this image's reference to what an old L2 entry pointed at."""
@@ -529,7 +596,7 @@ class Qcow2Driver(Driver):
                 # first write (spec); we maintain none of them (bitmaps included).
                 if h.version >= 3 and h.autoclear_features:
                     h.autoclear_features = 0
-                    await self.file.write(OFF_AUTOCLEAR, bytes(8))
+                    await self._fw(OFF_AUTOCLEAR, bytes(8))
                 self._write_prepared = True
         return self._refcounts
 
@@ -549,11 +616,11 @@ class Qcow2Driver(Driver):
             entries = array("Q", src.entries)
         else:
             entries = array("Q", bytes(self.cs))
-        await self.file.write(new, encode_entries(entries))
+        await self._fw(new, encode_entries(entries))
         table = L2Table(new, entries)
         self.l2cache.put(table)
         self.l1[l1i] = new | OFLAG_COPIED
-        await self.file.write(
+        await self._fw(
             self.header.l1_table_offset + l1i * 8, struct.pack(">Q", self.l1[l1i])
         )
         if old:
@@ -638,7 +705,7 @@ class Qcow2Driver(Driver):
         if new == old:
             return
         table.entries[lo:hi] = new
-        await self.file.write(table.offset + lo * 8, encode_entries(new))
+        await self._fw(table.offset + lo * 8, encode_entries(new))
         for entry in freed:
             await self._free_entry(entry)
 
@@ -700,13 +767,13 @@ class Qcow2Driver(Driver):
                 new_l1.extend([0] * (need - len(new_l1)))
                 l1_offset = await refcounts.allocate(clusters)
                 raw = encode_entries(new_l1)
-                await self.file.write(l1_offset, raw + bytes(clusters * self.cs - len(raw)))
+                await self._fw(l1_offset, raw + bytes(clusters * self.cs - len(raw)))
                 await self.file.flush()
             else:
                 new_l1 = self.l1
             old_offset, old_size = h.l1_table_offset, len(self.l1)
             fields = struct.pack(">QIIQ", length, h.crypt_method, len(new_l1), l1_offset)
-            await self.file.write(OFF_SIZE, fields)
+            await self._fw(OFF_SIZE, fields)
             h.size, h.l1_size, h.l1_table_offset = length, len(new_l1), l1_offset
             self.l1 = new_l1
             self._size = length
@@ -719,7 +786,7 @@ class Qcow2Driver(Driver):
         h = self.header
         assert h is not None
         await self.file.flush()  # the new table must be durable before anyone uses it
-        await self.file.write(OFF_REFCOUNT_TABLE, struct.pack(">QI", table_offset, table_clusters))
+        await self._fw(OFF_REFCOUNT_TABLE, struct.pack(">QI", table_offset, table_clusters))
         h.refcount_table_offset, h.refcount_table_clusters = table_offset, table_clusters
 
     # -- introspection ------------------------------------------------------------------

@@ -76,6 +76,8 @@ class Refcounts:
         self._free: list[int] = []
         #: ...and freed but not yet handed back by the driver (a read may still use them).
         self._freed: list[int] = []
+        #: The last allocation came from the never-written end of the file (reads as zeros).
+        self.last_fresh = False
 
     async def load(self) -> None:
         raw = await self._io.read(self.table_offset, self.table_clusters * self.cluster_size)
@@ -169,6 +171,7 @@ class Refcounts:
             cluster = heapq.heappop(self._free)
             if await self.get(cluster) == 0:
                 await self.add(cluster, 1, 1)
+                self.last_fresh = False
                 return cluster << self.cluster_bits
         # Make sure the refcount blocks for the run exist before choosing it: creating a
         # block may itself take a cluster at the end.
@@ -181,6 +184,7 @@ class Refcounts:
         self.end = start + count
         await self._grow_file(self.end << self.cluster_bits)
         await self.add(start, count, 1)
+        self.last_fresh = True
         return start << self.cluster_bits
 
     async def free(self, host_offset: int, length: int) -> None:

@@ -288,18 +288,36 @@ async def test_write_nowait_either_writes_or_declines(drv: FileDriver, img: Path
 
 
 async def test_write_nowait_learns_that_the_filesystem_refuses(
-    drv: FileDriver, monkeypatch: pytest.MonkeyPatch
+    drv: FileDriver, img: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
+    real = os.pwritev
 
-    def refuse(fd: int, bufs: Any, offset: int, flags: int = 0) -> int:
+    def refuse_nowait(fd: int, bufs: Any, offset: int, flags: int = 0) -> int:
         calls.append(flags)
-        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        if flags & os.RWF_NOWAIT:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real(fd, bufs, offset, flags)
 
-    monkeypatch.setattr(file, "_pwritev", refuse)
+    monkeypatch.setattr(file, "_pwritev", refuse_nowait)
     assert drv.write_nowait(0, b"x" * 512, ReqFlags.NONE) is False
-    assert drv.write_nowait(0, b"x" * 512, ReqFlags.NONE) is False
-    assert calls == [os.RWF_NOWAIT]  # asked once, then remembered
+    # Asked once, then remembered: later writes go inline (timed), without RWF_NOWAIT.
+    assert drv.write_nowait(0, b"y" * 512, ReqFlags.NONE) is True
+    assert calls == [os.RWF_NOWAIT, 0]
+    assert img.read_bytes()[:512] == b"y" * 512
+
+
+async def test_a_stalled_inline_write_sends_writes_to_threads_for_a_while(
+    drv: FileDriver, img: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drv._nowait_writes = False  # as on ext4, which refuses RWF_NOWAIT for writes
+    clock = iter([0, 5_000_000, 10_000_000, 2_000_000_000, 2_000_000_100])
+    monkeypatch.setattr(file, "_monotonic_ns", lambda: next(clock))
+    assert drv.write_nowait(0, b"a" * 512, ReqFlags.NONE) is True  # done, but took 5 ms
+    assert drv.write_nowait(0, b"b" * 512, ReqFlags.NONE) is False  # paused: thread pool
+    assert img.read_bytes()[:512] == b"a" * 512
+    assert drv.write_nowait(0, b"c" * 512, ReqFlags.NONE) is True  # a second later: inline
+    assert img.read_bytes()[:512] == b"c" * 512
 
 
 async def test_write_nowait_would_block_is_false(

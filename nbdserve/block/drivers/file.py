@@ -11,9 +11,11 @@ Options (besides the generic ``read-only``, ``cache.direct``, ``cache.no-flush``
 (data not cached, writeback would block), in which case the request goes to the bounded
 thread pool of :mod:`nbdserve.block.threads`. Python offers neither Linux AIO nor io_uring, so
 ``aio=native`` and ``aio=io_uring`` are accepted for configurations written for QEMU and are
-served by this same engine; the driver reports ``aio_engine == "threads"``. Some filesystems
-(ext4 and tmpfs in Linux 6.x, for example) refuse ``RWF_NOWAIT`` on buffered writes; then
-every write goes through the thread pool (the driver notices once and stops trying). With
+served by this same engine; the driver reports ``aio_engine == "threads"``. On tmpfs, which
+refuses ``RWF_NOWAIT`` and never waits for a disk, both go inline. Some filesystems (ext4 in
+Linux 6.x, for example) refuse ``RWF_NOWAIT`` on buffered writes only; there writes go inline
+but are timed, and one that stalls (dirty-page throttling) sends writes to the thread pool
+for a second. With
 ``cache.direct=on`` (O_DIRECT) nothing waits in the event loop: a direct transfer always
 goes to the disk, so all of it runs in the thread pool.
 
@@ -60,6 +62,7 @@ import errno
 import mmap
 import os
 import stat
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -87,6 +90,11 @@ MAX_TRANSFER = 1 << 30
 #: Larger transfers go to a thread even when cached: copying them would hold up the event
 #: loop for every other request (1 MiB is ~50-100 µs), and threads copy on both cores.
 NOWAIT_MAX = 1 << 20
+#: An inline write slower than this stalled the event loop: the disk is throttling dirty
+#: pages, so writes go to the thread pool for INLINE_WRITE_PAUSE_NS.
+INLINE_WRITE_STALL_NS = 2_000_000
+INLINE_WRITE_PAUSE_NS = 1_000_000_000
+_monotonic_ns = time.monotonic_ns
 _PROBE_SIZES = (1, 512, 1024, 2048, 4096)
 _DATA = Status.DATA | Status.OFFSET_VALID
 _ZERO = Status.ZERO | Status.OFFSET_VALID
@@ -130,6 +138,7 @@ class FileDriver(Driver):
         self._pool = BufferPool()
         self._nowait_writes = True
         self._nowait_reads = True
+        self._inline_writes_paused_until = 0
         #: preadv/pwritev flags of the non-blocking paths: RWF_NOWAIT, or 0 on a filesystem
         #: in memory (tmpfs refuses RWF_NOWAIT, and nothing there waits for a disk anyway).
         self._rwf_nowait = _RWF_NOWAIT
@@ -330,11 +339,12 @@ class FileDriver(Driver):
 
     # -- writes -----------------------------------------------------------------------------
     def write_nowait(self, offset: int, data: Buffer, flags: ReqFlags) -> bool:
-        # A durable (FUA) write waits for the disk, a large one holds up the loop, and some
-        # filesystems can't do this at all: write() takes those. So does a partial write,
-        # writing the same bytes again.
-        if flags & _FUA or not self._nowait_writes or len(data) > NOWAIT_MAX:
+        # A durable (FUA) write waits for the disk and a large one holds up the loop: write()
+        # takes those. So does a partial write, writing the same bytes again.
+        if flags & _FUA or len(data) > NOWAIT_MAX:
             return False
+        if not self._nowait_writes:
+            return self._write_inline(offset, data)
         try:
             return _pwritev(self.fd, [data], offset, self._rwf_nowait) == len(data)
         except BlockingIOError:
@@ -345,6 +355,20 @@ class FileDriver(Driver):
             # This filesystem can't do non-blocking buffered writes: stop asking.
             self._nowait_writes = False
             return False
+
+    def _write_inline(self, offset: int, data: Buffer) -> bool:
+        # The filesystem can't say whether a buffered write would block (ext4 refuses
+        # RWF_NOWAIT for writes). A write into the page cache almost never does, and a thread
+        # hop costs far more than the copy, so write inline but time it: one slow enough to
+        # stall the loop (dirty-page throttling on a slow disk) sends writes to the thread
+        # pool for a while.
+        start = _monotonic_ns()
+        if start < self._inline_writes_paused_until:
+            return False
+        done = _pwritev(self.fd, [data], offset)
+        if _monotonic_ns() - start > INLINE_WRITE_STALL_NS:
+            self._inline_writes_paused_until = start + INLINE_WRITE_PAUSE_NS
+        return done == len(data)
 
     async def write(self, offset: int, data: Buffer, flags: ReqFlags) -> None:
         rwf = _RWF_DSYNC if flags & _FUA else 0

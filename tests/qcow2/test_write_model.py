@@ -202,3 +202,19 @@ async def test_truncate_grows_l1(tmp_path: Path) -> None:
     await _finish(img, child, model, tmp_path, graph)
     out = run("qemu-img", "info", "--output=json", img).stdout
     assert '"virtual-size": 16777216' in out
+
+
+async def test_internal_snapshot_left_intact(tmp_path: Path) -> None:
+    """Clusters and L2 tables shared with an internal snapshot are copied, never written in
+    place: the snapshot still reads its old contents and refcounts stay exact."""
+    img = qemu_img_create(tmp_path / "snap.qcow2", 8 * MiB)
+    qemu_io(img, "write -P 1 0 8M")
+    run("qemu-img", "snapshot", "-c", "s1", img)
+    model = bytearray(b"\x01" * (8 * MiB))
+    graph, child = await open_image(img, writable=True)
+    wl = Workload(child, model, 65536, seed=5)
+    await wl.run(ops=200, tasks=8)
+    await _finish(img, child, model, tmp_path, graph)
+    run("qemu-img", "snapshot", "-a", "s1", img)
+    assert raw_of(img, tmp_path) == b"\x01" * (8 * MiB)
+    assert check_image(img)["returncode"] == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from nbdserve.block import Child, ReqFlags
+from nbdserve.block import Child, Perm, ReqFlags, open_graph
 from nbdserve.block.qcow2 import create_qcow2
 
 from .helpers import check_image, open_image, qemu_img_create, qemu_io, raw_of, run
@@ -218,3 +218,40 @@ async def test_internal_snapshot_left_intact(tmp_path: Path) -> None:
     run("qemu-img", "snapshot", "-a", "s1", img)
     assert raw_of(img, tmp_path) == b"\x01" * (8 * MiB)
     assert check_image(img)["returncode"] == 0
+
+
+async def test_tiny_l2_cache(tmp_path: Path) -> None:
+    """With room for a single L2 table (512-byte clusters: 96 tables in use), tables are
+    evicted and reloaded all the time under 16 concurrent requests; nothing is lost."""
+    img = tmp_path / "tiny.qcow2"
+    await create_qcow2(img, 3 * MiB, cluster_size=512)
+    graph, child = await open_image(img, writable=True, extra={"l2-cache-size": 512})
+    assert graph.node("img").driver.l2cache.capacity == 1  # type: ignore[attr-defined]
+    model = bytearray(3 * MiB)
+    wl = Workload(child, model, 512, seed=11)
+    await wl.run(ops=600, tasks=16)
+    await _finish(img, child, model, tmp_path, graph)
+
+
+async def test_backing_given_as_node_name(tmp_path: Path) -> None:
+    """A ``backing`` option naming an existing node replaces the header's backing file."""
+    other = tmp_path / "other.raw"
+    other.write_bytes(b"\x09" * (2 * MiB))
+    img = qemu_img_create(tmp_path / "top.qcow2", 2 * MiB)  # no backing in the header
+    graph = await open_graph([
+        {"driver": "raw", "node-name": "base", "read-only": True,
+         "file": {"driver": "file", "filename": str(other)}},
+        {"driver": "qcow2", "node-name": "img", "backing": "base",
+         "file": {"driver": "file", "filename": str(img)}},
+    ])
+    try:
+        child = graph.attach("img", perm=Perm.CONSISTENT_READ | Perm.WRITE, user="test")
+        await child.write(4096, b"\x01" * 100)
+        data = bytes(await child.read(0, 2 * MiB))
+        assert data[:4096] == b"\x09" * 4096 and data[4096:4196] == b"\x01" * 100
+        assert data[4196:] == b"\x09" * (2 * MiB - 4196)  # copy-on-write kept the rest
+        depths = [(e.length, e.depth) for e in await child.allocation_depth(0, 2 * MiB)]
+        assert depths == [(65536, 1), (2 * MiB - 65536, 2)]  # the whole cluster was copied
+    finally:
+        await graph.close()
+    assert other.read_bytes() == b"\x09" * (2 * MiB)

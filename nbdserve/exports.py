@@ -46,15 +46,16 @@ def describe(spec: ExportSpec, child: Child, *, multi_conn_allowed: bool) -> Exp
     # FLUSH and FUA are always honoured: a node without a volatile cache (memory, null) has
     # nothing to flush, so both succeed at once and are still true to their meaning.
     flags |= TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
+    # TRIM and CACHE are hints: where the node's discard policy is "ignore" or the driver has
+    # no use for a prefetch they succeed doing nothing, as the spec allows. Advertising them
+    # anyway matches qemu-nbd, so clients that trim or prefetch behave the same with both.
+    flags |= TransmissionFlag.SEND_CACHE
     if writable:
-        if caps.can_discard:
-            flags |= TransmissionFlag.SEND_TRIM
+        flags |= TransmissionFlag.SEND_TRIM
         if caps.can_zero:
             # The generic layer refuses NO_FALLBACK fast when zeroing would be slow, which is
             # exactly the FAST_ZERO contract.
             flags |= TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO
-    if caps.can_cache:
-        flags |= TransmissionFlag.SEND_CACHE
     if caps.multi_conn_safe and multi_conn_allowed:
         flags |= TransmissionFlag.CAN_MULTI_CONN
     limits = child.limits

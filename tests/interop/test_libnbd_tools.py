@@ -30,9 +30,8 @@ def test_nbdinfo_json_describes_a_writable_export(serve: ServeFactory, make_imag
     assert export["export-size"] == 32 * MiB
     assert export["is_read_only"] is False
     assert "base:allocation" in export["contexts"]
-    # TRIM is not required here: with the default --discard=ignore it would do nothing
-    # (qemu-nbd advertises it anyway; nbdserve does not).
-    for capability in ("can_flush", "can_fua", "can_zero", "can_df"):
+    # TRIM and CACHE are offered even with the default --discard=ignore, as qemu-nbd does.
+    for capability in ("can_flush", "can_fua", "can_zero", "can_df", "can_trim", "can_cache"):
         assert export[capability] is True, (capability, export)
     minimum, preferred, maximum = (export[f"block_size_{k}"]
                                    for k in ("minimum", "preferred", "maximum"))

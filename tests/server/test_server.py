@@ -79,8 +79,9 @@ async def test_export_flags_follow_the_node(nursery: trio.Nursery, tmp_path: Pat
 async def test_multi_conn_only_when_allowed(nursery: trio.Nursery, tmp_path: Path) -> None:
     srv = await start_server(nursery, tmp_path, max_connections=0)
     assert srv.exports[0].info.flags & TransmissionFlag.CAN_MULTI_CONN
-    # Discard policy "ignore" (the default): TRIM would do nothing, so it is not offered.
-    assert not srv.exports[0].info.flags & TransmissionFlag.SEND_TRIM
+    # Like qemu-nbd, TRIM and CACHE are offered even where they do nothing (discard=ignore).
+    assert srv.exports[0].info.flags & TransmissionFlag.SEND_TRIM
+    assert srv.exports[0].info.flags & TransmissionFlag.SEND_CACHE
 
 
 async def test_unknown_export_is_refused(nursery: trio.Nursery, tmp_path: Path) -> None:

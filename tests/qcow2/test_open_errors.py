@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import struct
 from pathlib import Path
 
@@ -122,3 +123,23 @@ def test_garbage_never_crashes() -> None:
         buf[20:24] = struct.pack(">I", rng.choice([9, 12, 16, rng.randrange(64)]))
         with contextlib.suppress(Qcow2FormatError):
             parse_header(bytes(buf))
+
+
+async def test_corrupt_l2_entry_is_eio(tmp_path: Path) -> None:
+    """A mapping that points outside the file fails the request with EIO, not a crash."""
+    img = qemu_img_create(tmp_path / "a.qcow2", "1M")
+    qemu_io(img, "write -P 0x42 0 64k")
+    data = img.read_bytes()
+    l1_offset = struct.unpack_from(">Q", data, 40)[0]
+    l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & 0x00FF_FFFF_FFFF_FE00
+    _patch(img, l2_offset, struct.pack(">Q", (1 << 63) | (1 << 40)))
+    graph, child = await open_image(img)
+    try:
+        await child.read(65536, 512)  # the L2 table is cached now: read_nowait must say no
+        assert child.read_nowait(0, 4096) is None
+        with pytest.raises(OSError) as info:
+            await child.read(0, 4096)
+        assert info.value.errno == errno.EIO and "past the end" in str(info.value)
+        assert bytes(await child.read(65536, 4096)) == bytes(4096)  # the rest still reads
+    finally:
+        await graph.close()

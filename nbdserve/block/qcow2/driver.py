@@ -261,7 +261,7 @@ class Qcow2Driver(Driver):
             return None
         table = self.l2cache.get(off)
         if table is None:
-            if off % self.cs or entry & 0x7F00_0000_0000_01FF:
+            if off % self.cs or entry & 0x7F00_0000_0000_01FF or off >= self.file.size:
                 raise _eio(f"qcow2: corrupt L1 entry {l1i} ({entry:#x})")
             table = L2Table(off, decode_table(await self.file.read(off, self.cs)))
             self.l2cache.put(table)
@@ -271,6 +271,8 @@ class Qcow2Driver(Driver):
         host = entry & OFFSET_MASK
         if host & (self.cs - 1):
             raise _eio(f"qcow2: L2 entry {entry:#x} points into the middle of a cluster")
+        if host >= self.file.size:
+            raise _eio(f"qcow2: L2 entry {entry:#x} points past the end of the image file")
         return host
 
     async def _runs(self, offset: int, length: int) -> list[_Run]:
@@ -340,7 +342,7 @@ class Qcow2Driver(Driver):
             if kind is Kind.NORMAL:
                 host = (entry & OFFSET_MASK) + (pos & (cs - 1))
                 if zeros or from_backing or entry & (cs - 1) or (expect >= 0 and host != expect):
-                    return None
+                    return None  # (a corrupt entry is reported by the async path)
                 if host_start < 0:
                     host_start = host
                 expect = host + nxt - pos
@@ -364,6 +366,8 @@ class Qcow2Driver(Driver):
             return backing.read_nowait(offset, length)
         if host_start < 0:
             return bytes(length)
+        if expect > self.file.size:
+            return None
         return self.file.read_nowait(host_start, length)
 
     async def read(self, offset: int, length: int) -> Buffer:

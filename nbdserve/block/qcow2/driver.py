@@ -541,26 +541,38 @@ class Qcow2Driver(Driver):
         refcounts = await self._prepare_write()
         async with self._meta:
             host = await refcounts.allocate(n)
-            fresh = refcounts.last_fresh
-        if buf:
-            await self._fw(host, buf)
-        elif fresh:
-            # Never-written space at the end of the file reads as zeros: only the new data
-            # needs writing (the copy-on-write parts are zeros anyway).
-            await self._fw(host + a - gstart, data[a - offset : b - offset])
-        else:
-            out = bytearray(n * cs)
-            out[a - gstart : b - gstart] = data[a - offset : b - offset]
-            await self._fw(host, out)
-        async with self._meta:
-            table = await self._writable_table(first >> self.l2_bits)
-            old = table.entries[lo : lo + n]
-            table.entries[lo : lo + n] = array(
-                "Q", [(host + (k << cb)) | OFLAG_COPIED for k in range(n)]
-            )
-            await self._fw(table.offset + lo * 8, encode_entries(table.entries[lo : lo + n]))
-            for entry in old:
-                await self._free_entry(entry)
+            if not buf:
+                if refcounts.last_fresh:
+                    # Never-written space at the end of the file reads as zeros: only the
+                    # new data needs writing (the copy-on-write parts are zeros anyway).
+                    host_at, buf = host + a - gstart, data[a - offset : b - offset]
+                else:
+                    out = bytearray(n * cs)
+                    out[a - gstart : b - gstart] = data[a - offset : b - offset]
+                    host_at, buf = host, out
+            else:
+                host_at = host
+            # Data before the L2 entry. A write the page cache takes at once doesn't block
+            # other tasks, so the common case links the cluster without a second lock trip.
+            linked = self.file.write_nowait(host_at, buf)
+            if linked:
+                await self._link(first, n, host)
+        if not linked:
+            await self.file.write(host_at, buf)
+            async with self._meta:
+                await self._link(first, n, host)
+
+    async def _link(self, first: int, n: int, host: int) -> None:
+        """Point guest clusters ``first..first+n-1`` at new host clusters. Under _meta."""
+        table = await self._writable_table(first >> self.l2_bits)
+        lo = first & self.l2_mask
+        old = table.entries[lo : lo + n]
+        table.entries[lo : lo + n] = array(
+            "Q", [(host + (k << self.cb)) | OFLAG_COPIED for k in range(n)]
+        )
+        await self._fw(table.offset + lo * 8, encode_entries(table.entries[lo : lo + n]))
+        for entry in old:
+            await self._free_entry(entry)
 
     def _reads_zero(self, entry: int) -> bool:
         kind = classify(entry)

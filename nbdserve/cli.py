@@ -254,7 +254,12 @@ def config_from_args(ns: argparse.Namespace) -> tuple[ServerConfig, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["create"]:  # a file named "create" can still be served as ./create
+        from . import create
+
+        return create.main(args[1:])
+    ns = build_parser().parse_args(args)
     from . import log
 
     log.configure(verbose=ns.verbose, fmt=ns.log_format)

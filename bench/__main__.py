@@ -12,7 +12,7 @@ from .profile import ProfilerError, require_py_spy
 from .render import chart, markdown
 from .results import Sample, ratios, summarise, to_json
 from .runner import Plan, describe_machine, run_all
-from .servers import SERVERS, Server
+from .servers import QCOW2_DEFAULT_ROWS, SERVERS, Server
 from .workloads import ROWS, Row
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rows",
         type=lambda t: _subset(t, row_keys, "row"),
-        default=row_keys,
-        help=f"comma list from: {','.join(row_keys)}",
+        help=f"comma list from: {','.join(row_keys)} (default: all; the qcow2 servers run "
+        f"only {','.join(QCOW2_DEFAULT_ROWS)} unless rows are named)",
     )
     p.add_argument(
         "--image-dir",
@@ -115,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.profile.mkdir(parents=True, exist_ok=True)
     plan = Plan(
-        rows=[r for r in ROWS if r.key in args.rows],
+        rows=[r for r in ROWS if args.rows is None or r.key in args.rows],
         servers=[s for s in SERVERS if s.key in args.servers],
         size=size,
         runs=runs,
         runtime=runtime,
         image_dir=args.image_dir,
         fresh_per_cell=not args.quick,
+        rows_named=args.rows is not None,
         profile_dir=args.profile,
     )
     if plan.load_before > 0.5:
@@ -141,14 +142,15 @@ def write_report(
     cells = summarise(samples)
     ours = [s.key for s in servers if s.is_nbdserve]
     peers = {s.key: s.peer for s in servers if s.peer is not None}
-    ratio_list = ratios(cells, [r.key for r in rows], ours, peers)
+    groups = {s.key: s.image_format for s in servers}
+    ratio_list = ratios(cells, [r.key for r in rows], ours, peers, groups)
     out.mkdir(parents=True, exist_ok=True)
     report = markdown(meta, rows, servers, cells, ratio_list)
     (out / "results.md").write_text(report)
     (out / "results.json").write_text(
         json.dumps(to_json(meta, samples, cells, ratio_list), indent=2) + "\n"
     )
-    skipped = chart(out / "ratios.png", rows, servers, ratio_list)
+    skipped = chart(out / "ratios.png", rows, servers, ratio_list, meta.get("schedule"))
     print()
     print(report)
     print(f"wrote {out}/results.md, results.json" + ("" if skipped else ", ratios.png"))

@@ -1,6 +1,6 @@
 """The report: a markdown table set and an optional PNG chart of the ratios."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,54 @@ def _x(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}x"
 
 
+def _groups(servers: Sequence[Server]) -> list[tuple[str, list[Server]]]:
+    """Servers by image format, in their order: each group gets its own tables."""
+    grouped: dict[str, list[Server]] = {}
+    for server in servers:
+        grouped.setdefault(server.image_format, []).append(server)
+    return list(grouped.items())
+
+
+def _scheduled(meta: dict[str, Any], row: Row, server: Server) -> bool:
+    # Reports saved before the schedule was recorded ran every row on every server.
+    schedule: dict[str, list[str]] | None = meta.get("schedule")
+    return schedule is None or row.key in schedule.get(server.key, [])
+
+
+def _group_note(meta: dict[str, Any], fmt: str) -> str:
+    if fmt == "qcow2":
+        options = meta.get("qcow2_options", "cluster_size=64k")
+        return (
+            f"On the qcow2 image (`qemu-img convert -O qcow2 -o {options}` of the raw image, "
+            "every cluster allocated; a server start that runs a write row gets a fresh copy):"
+        )
+    return f"On the {fmt} image:"
+
+
+def _per_group(
+    meta: dict[str, Any],
+    rows: Sequence[Row],
+    servers: Sequence[Server],
+    figure: Callable[[Row, Server], str],
+) -> list[str]:
+    """One table per image format, holding only the rows some server of that group ran."""
+    groups = _groups(servers)
+    out: list[str] = []
+    for fmt, group in groups:
+        shown = [r for r in rows if any(_scheduled(meta, r, s) for s in group)]
+        if not shown:
+            continue
+        if out:
+            out.append("")
+        if len(groups) > 1:
+            out += [_group_note(meta, fmt), ""]
+        out += _table(
+            ["Row", *(s.label for s in group)],
+            [[r.title, *(figure(r, s) for s in group)] for r in shown],
+        )
+    return out
+
+
 def markdown(
     meta: dict[str, Any],
     rows: Sequence[Row],
@@ -36,10 +84,13 @@ def markdown(
     cells: dict[tuple[str, str], Cell],
     ratio_list: Sequence[Ratio],
 ) -> str:
-    names = [s.label for s in servers]
     peers = sorted({s.peer for s in servers if s.peer is not None})
     title = {r.key: r.title for r in rows}
     label = {s.key: s.label for s in servers}
+
+    def cell(r: Row, s: Server) -> Cell | None:
+        return cells.get((r.key, s.key))
+
     out = [
         "# nbdserve side-by-side benchmark",
         "",
@@ -58,15 +109,14 @@ def markdown(
         "",
         "Median over the runs; ±N% is half the spread (max - min) relative to the median.",
         "",
-        *_table(
-            ["Row", *names],
-            [[r.title, *(_rate(cells.get((r.key, s.key)), r) for s in servers)] for r in rows],
-        ),
+        *_per_group(meta, rows, servers, lambda r, s: _rate(cell(r, s), r)),
         "",
         "## nbdserve ÷ peer (throughput; above 1.00x nbdserve is faster)",
         "",
-        "qemu-nbd counts once, in its faster aio mode on that row. The last column is nbdserve's "
-        "server CPU per GiB divided by the fastest peer's (below 1.00x nbdserve uses less).",
+        "qemu-nbd counts once, in its faster aio mode on that row. A configuration is compared "
+        "only with peers serving the same image format: nbdserve on qcow2 with qemu-nbd on "
+        "qcow2. The last column is nbdserve's server CPU per GiB divided by the fastest peer's "
+        "(below 1.00x nbdserve uses less).",
         "",
         *_table(
             ["Row", "nbdserve as", *(f"÷ {p}" for p in peers), "÷ fastest peer", "CPU/GiB ÷"],
@@ -84,17 +134,11 @@ def markdown(
         "",
         "## Server CPU seconds per GiB moved",
         "",
-        *_table(
-            ["Row", *names],
-            [[r.title, *(_fmt(cells.get((r.key, s.key)), "cpu") for s in servers)] for r in rows],
-        ),
+        *_per_group(meta, rows, servers, lambda r, s: _fmt(cell(r, s), "cpu")),
         "",
         "## Server peak RSS (MiB, maximum over runs)",
         "",
-        *_table(
-            ["Row", *names],
-            [[r.title, *(_fmt(cells.get((r.key, s.key)), "rss") for s in servers)] for r in rows],
-        ),
+        *_per_group(meta, rows, servers, lambda r, s: _fmt(cell(r, s), "rss")),
     ]
     failures = [c for c in cells.values() if c.errors]
     if meta.get("errors"):
@@ -114,9 +158,17 @@ def _fmt(cell: Cell | None, what: str) -> str:
 
 
 def chart(
-    path: Path, rows: Sequence[Row], servers: Sequence[Server], ratio_list: Sequence[Ratio]
+    path: Path,
+    rows: Sequence[Row],
+    servers: Sequence[Server],
+    ratio_list: Sequence[Ratio],
+    schedule: dict[str, list[str]] | None = None,
 ) -> str | None:
-    """Write a bar chart of nbdserve ÷ fastest peer per row; returns why not if impossible."""
+    """Write a bar chart of nbdserve ÷ fastest peer per row; returns why not if impossible.
+
+    *schedule* (server key -> rows it ran) leaves out bars for cells that were never run, so
+    only a run that failed is drawn as "n/a".
+    """
     try:
         import matplotlib
 
@@ -132,9 +184,14 @@ def chart(
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(shown)), 4.5))
     width = 0.8 / len(ours)
     for i, server in enumerate(ours):
-        found = [lookup.get((r.key, server.key)) for r in shown]
+        slots = [
+            j
+            for j, r in enumerate(shown)
+            if schedule is None or r.key in schedule.get(server.key, [])
+        ]
+        found = [lookup.get((shown[j].key, server.key)) for j in slots]
         values = [x.vs_fastest if x and x.vs_fastest is not None else 0.0 for x in found]
-        xs = [j + (i - (len(ours) - 1) / 2) * width for j in range(len(shown))]
+        xs = [j + (i - (len(ours) - 1) / 2) * width for j in slots]
         bars = ax.bar(xs, values, width, label=server.label)
         # A missing figure (failed cell) is labelled, so it does not read as "zero speed".
         labels = [
@@ -146,7 +203,7 @@ def chart(
     ax.set_xticks(range(len(shown)))
     ax.set_xticklabels([r.title for r in shown], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("throughput ÷ fastest peer")
-    ax.set_title("nbdserve ÷ fastest peer (qemu-nbd best aio, nbdkit file, nbdkit python)")
+    ax.set_title("nbdserve ÷ fastest peer on the same image format (qemu-nbd, nbdkit)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

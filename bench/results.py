@@ -115,15 +115,21 @@ def ratios(
     rows: Sequence[str],
     ours: Sequence[str],
     peers: dict[str, str],
+    groups: dict[str, str] | None = None,
 ) -> list[Ratio]:
+    """*groups* maps server key -> comparison group (the image format); a configuration is
+    compared only with peers in its own group. Servers it does not name share one group."""
+    group = groups or {}
     out: list[Ratio] = []
     for row in rows:
-        best = best_per_peer(cells, row, peers)
-        fastest = max(best.values(), key=lambda b: b.cell.mib_per_s, default=None)
         for server in ours:
             cell = cells.get((row, server))
             if cell is None:
                 continue
+            mine = group.get(server, "")
+            same = {k: p for k, p in peers.items() if group.get(k, "") == mine}
+            best = best_per_peer(cells, row, same)
+            fastest = max(best.values(), key=lambda b: b.cell.mib_per_s, default=None)
             out.append(
                 Ratio(
                     row=row,

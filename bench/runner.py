@@ -30,11 +30,44 @@ class Plan:
     image_dir: Path
     errors: list[str] = field(default_factory=list)
     fresh_per_cell: bool = True
+    rows_named: bool = False  # --rows given: every server runs every row, default_rows ignored
     profile_dir: Path | None = None  # py-spy every nbdserve cell into this directory
     load_before: float = field(default_factory=lambda: os.getloadavg()[0])
     # Taken when the plan is made: the tree may change while a long run goes on.
     started: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
     versions: dict[str, str] = field(default_factory=lambda: tool_versions())
+
+    def rows_for(self, server: Server) -> list[Row]:
+        return [r for r in self.rows if server.runs_row(r.key, self.rows_named)]
+
+    def schedule(self) -> dict[str, list[str]]:
+        """Server key -> the row keys it runs: which cells of the report are expected."""
+        return {s.key: [r.key for r in self.rows_for(s)] for s in self.servers}
+
+
+QCOW2_OPTIONS = "cluster_size=64k"
+
+
+def make_qcow2(raw: Path, target: Path) -> None:
+    """Convert the random raw image: every cluster allocated, the same bytes the raw servers see."""
+    _client(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", QCOW2_OPTIONS, str(raw),
+         str(target)],
+        timeout=600,
+    )  # fmt: skip
+
+
+def check_qcow2(image: Path) -> str | None:
+    """``qemu-img check``: None if the image is consistent, else what it reported."""
+    done = subprocess.run(
+        ["qemu-img", "check", "-f", "qcow2", str(image)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    if done.returncode == 0:
+        return None
+    # The summary ("37 errors were found") is on stdout, the first finding on stderr.
+    lines = done.stdout.strip().splitlines()[:1] + done.stderr.strip().splitlines()[:1]
+    return f"qemu-img check exited {done.returncode}: " + " / ".join(lines)
 
 
 def fill_random(path: Path, size: int) -> None:
@@ -102,6 +135,9 @@ def run_all(plan: Plan, progress: Callable[[str], None]) -> list[Sample]:
     memory high-water mark or leftover state never reaches the next row's figures, and the
     alternation is per row. Otherwise (``--quick``) each server is started once per run and
     serves every row in turn: starting a Python server costs about a second.
+
+    qcow2 servers serve ``image.qcow2``, converted once from the raw image; sessions that
+    write get a fresh copy of it, and every qcow2 session ends with ``qemu-img check``.
     """
     workdir = Path(tempfile.mkdtemp(prefix="nbdserve-bench-", dir=plan.image_dir))
     samples: list[Sample] = []
@@ -112,6 +148,18 @@ def run_all(plan: Plan, progress: Callable[[str], None]) -> list[Sample]:
         fill_random(image, plan.size)
         if any(r.copy == "from-file" for r in plan.rows) or any(s.in_memory for s in plan.servers):
             shutil.copyfile(image, source)
+        # Converted before any write row touches image.raw, so both groups start from one content.
+        qcow2 = workdir / "image.qcow2"
+        qcow2_servers = [s for s in plan.servers if s.image_format == "qcow2"]
+        if qcow2_servers:
+            progress(f"converting it to qcow2 ({QCOW2_OPTIONS})")
+            try:
+                make_qcow2(image, qcow2)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                broken.update(s.key for s in qcow2_servers)
+                plan.errors.append(f"qcow2 image: {exc}")
+                progress(f"ERROR {plan.errors[-1]} (skipping the qcow2 servers)")
+        images = {"raw": image, "qcow2": qcow2}
         batches = (
             [([row], run) for row in plan.rows for run in range(1, plan.runs + 1)]
             if plan.fresh_per_cell
@@ -119,17 +167,42 @@ def run_all(plan: Plan, progress: Callable[[str], None]) -> list[Sample]:
         )
         for rows, run in batches:
             for server in plan.servers:
-                if server.key in broken:
+                mine = [r for r in rows if server.runs_row(r.key, plan.rows_named)]
+                if server.key in broken or not mine:
                     continue
                 try:
-                    _session(server, rows, run, image, source, workdir, plan, progress, samples)
-                except (ServerStartError, RuntimeError, subprocess.TimeoutExpired) as exc:
+                    served = _prepare(server, mine, images, workdir)
+                    _session(server, mine, run, served, source, workdir, plan, progress, samples)
+                    if server.image_format == "qcow2":
+                        _check(served, server, mine, run, plan, progress)
+                except (ServerStartError, RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
                     broken.add(server.key)
                     plan.errors.append(f"run {run}, {server.label}: {exc}")
                     progress(f"ERROR {plan.errors[-1]} (skipping {server.label} from now on)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return samples
+
+
+def _prepare(server: Server, rows: Sequence[Row], images: dict[str, Path], workdir: Path) -> Path:
+    """The image *server* serves: a qcow2 session that writes gets a fresh copy of the converted
+    image, so every write cell starts from the same allocation state and metadata layout."""
+    image = images[server.image_format]
+    if server.image_format != "qcow2" or not any(r.writes for r in rows):
+        return image
+    scratch = workdir / "scratch.qcow2"
+    shutil.copyfile(image, scratch)
+    return scratch
+
+
+def _check(image: Path, server: Server, rows: Sequence[Row], run: int, plan: Plan,
+           progress: Callable[[str], None]) -> None:  # fmt: skip
+    """A server that leaves a corrupt qcow2 behind has not earned its figures: say so."""
+    problem = check_qcow2(image)
+    if problem is not None:
+        what = ", ".join(r.title for r in rows)
+        plan.errors.append(f"run {run}, {server.label}: image after {what}: {problem}")
+        progress(f"ERROR {plan.errors[-1]}")
 
 
 def _session(server: Server, rows: Sequence[Row], run: int, image: Path, source: Path,
@@ -198,6 +271,8 @@ def describe_machine(plan: Plan) -> dict[str, Any]:
         "runtime": plan.runtime,
         "rows": [r.key for r in plan.rows],
         "servers": [s.key for s in plan.servers],
+        "schedule": plan.schedule(),
+        "qcow2_options": QCOW2_OPTIONS,
         "versions": plan.versions,
         "fresh_per_cell": plan.fresh_per_cell,
         "profiled": plan.profile_dir is not None,

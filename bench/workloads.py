@@ -22,6 +22,11 @@ class Row:
         """Rows where IOPS, not MiB/s, is the headline figure."""
         return self.block_size == "4k"
 
+    @property
+    def writes(self) -> bool:
+        """Rows that change the image (fio's write modes, the copy into the export)."""
+        return "write" in self.rw or self.rw == "randrw" or self.copy == "from-file"
+
 
 ROWS: tuple[Row, ...] = (
     Row("randread-4k-qd1", "4K random read QD1", "randread", "4k", 1),
@@ -69,8 +74,8 @@ def nbdcopy_command(row: Row, uri: str, source_file: Path) -> list[str]:
     if row.copy == "to-null":
         return ["nbdcopy", uri, "null:"]
     if row.copy == "from-file":
-        # No --flush: nbdcopy refuses it against exports without flush (a memory export).
-        return ["nbdcopy", str(source_file), uri]
+        # --flush: the copy counts as done once the server has it stable, not merely received.
+        return ["nbdcopy", "--flush", str(source_file), uri]
     raise ValueError(f"row {row.key!r} is not an nbdcopy row")
 
 

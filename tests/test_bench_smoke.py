@@ -13,13 +13,15 @@ from bench.__main__ import build_parser, main, parse_size
 from bench.profile import summarise_stacks
 from bench.render import chart, markdown
 from bench.results import Sample, ratios, summarise, to_json
-from bench.servers import SERVERS
+from bench.runner import Plan, check_qcow2, make_qcow2
+from bench.servers import QCOW2_DEFAULT_ROWS, SERVERS, Endpoint
 from bench.workloads import ROWS, FioOutputError, fio_command, nbdcopy_command, parse_fio
 
 SAMPLE = Path(__file__).resolve().parent.parent / "bench" / "samples" / "fio-randrw-qd16.txt"
 ROW = {r.key: r for r in ROWS}
 SERVER = {s.key: s for s in SERVERS}
 PEERS = {s.key: s.peer for s in SERVERS if s.peer is not None}
+GROUPS = {s.key: s.image_format for s in SERVERS}
 
 
 def test_parse_fio_sample_sums_reads_and_writes() -> None:
@@ -60,7 +62,10 @@ def test_fio_command_sets_size_runtime_and_mix() -> None:
 
 def test_nbdcopy_commands() -> None:
     assert nbdcopy_command(ROW["copy-to-null"], "U", Path("/f")) == ["nbdcopy", "U", "null:"]
-    assert nbdcopy_command(ROW["copy-from-file"], "U", Path("/f"))[-2:] == ["/f", "U"]
+    # Every server, nbdserve's memory export included, advertises flush.
+    assert nbdcopy_command(ROW["copy-from-file"], "U", Path("/f")) == [
+        "nbdcopy", "--flush", "/f", "U"
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="not an nbdcopy row"):
         nbdcopy_command(ROW["seqread-1m-qd8"], "U", Path("/f"))
 
@@ -253,3 +258,129 @@ def test_report_can_be_rebuilt_from_saved_json(
     assert "| 1M sequential read QD8 | nbdserve | 2.00x | 2.00x (nbdkit file) |" in text
     assert main(["--report-from", str(tmp_path / "missing.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+UNIX = Endpoint(uri="nbd+unix:///?socket=/s.sock", unix_path=Path("/s.sock"))
+
+
+def test_qcow2_servers_serve_the_qcow2_image_in_their_own_group() -> None:
+    image = Path("/shm/image.qcow2")
+    ours = SERVER["nbdserve-qcow2"]
+    assert ours.is_nbdserve and ours.image_format == "qcow2"
+    assert ours.argv(image, UNIX, 2**30)[-8:] == [
+        "-t", "-e", "8", "-k", "/s.sock", "-f", "qcow2", "/shm/image.qcow2"
+    ]  # fmt: skip
+    for key, aio in [("qemu-qcow2", "threads"), ("qemu-qcow2-io_uring", "io_uring")]:
+        qemu = SERVER[key]
+        assert qemu.peer == "qemu-nbd" and qemu.image_format == "qcow2"
+        argv = qemu.argv(image, UNIX, 2**30)
+        assert argv[0] == "qemu-nbd" and argv[-1] == "/shm/image.qcow2"
+        assert argv[argv.index("-f") + 1] == "qcow2"
+        assert argv[argv.index("-k") + 1] == "/s.sock"
+        assert {"--cache=writeback", f"--aio={aio}"} <= set(argv)
+    # The raw servers are unchanged: still raw, still every row.
+    assert SERVER["nbdserve"].argv(image, UNIX, 1)[-3:] == ["-f", "raw", "/shm/image.qcow2"]
+    qemu_raw = SERVER["qemu-threads"].argv(image, UNIX, 1)
+    assert qemu_raw[qemu_raw.index("-f") + 1] == "raw"
+    raw = [s for s in SERVERS if s.image_format == "raw"]
+    assert raw and all(s.default_rows is None for s in raw)
+    assert set(QCOW2_DEFAULT_ROWS) <= set(ROW)
+
+
+def test_qcow2_servers_run_their_default_rows_unless_rows_are_named() -> None:
+    servers = [SERVER["nbdserve"], SERVER["nbdserve-qcow2"], SERVER["qemu-qcow2"]]
+    versions = {"nbdserve": "test"}
+    by_default = Plan(list(ROWS), servers, 2**20, 1, 1.0, Path("/tmp"), versions=versions)
+    schedule = by_default.schedule()
+    assert schedule["nbdserve"] == [r.key for r in ROWS]
+    assert schedule["nbdserve-qcow2"] == schedule["qemu-qcow2"] == list(QCOW2_DEFAULT_ROWS)
+    named = [ROW["randread-4k-qd1"], ROW["seqwrite-1m-qd8"]]
+    chosen = Plan(named, servers, 2**20, 1, 1.0, Path("/tmp"), rows_named=True, versions=versions)
+    assert chosen.schedule()["qemu-qcow2"] == ["randread-4k-qd1", "seqwrite-1m-qd8"]
+
+
+def test_cli_leaves_rows_unnamed_by_default() -> None:
+    assert build_parser().parse_args([]).rows is None
+    assert build_parser().parse_args(["--rows", "randread-4k-qd1"]).rows == ["randread-4k-qd1"]
+
+
+def test_rows_that_write() -> None:
+    writing = {r.key for r in ROWS if r.writes}
+    assert writing == {
+        "randwrite-4k-qd16", "seqwrite-1m-qd8", "randrw70-4k-qd16", "copy-from-file"
+    }  # fmt: skip
+
+
+def _row_sample(row: str, server: str, mib: float, cpu: float = 1.0) -> Sample:
+    return Sample(row, server, 1, int(mib * 2**20), 1.0, int(mib * 256), cpu, 2**20)
+
+
+def test_qcow2_ratio_compares_only_with_qemu_nbd_on_qcow2() -> None:
+    row = "randwrite-4k-qd16"
+    cells = summarise(
+        [
+            _row_sample(row, "nbdserve", 100),
+            _row_sample(row, "nbdkit-file", 400),  # fastest overall, but raw
+            _row_sample(row, "qemu-io_uring", 50),
+            _row_sample(row, "nbdserve-qcow2", 90, cpu=0.9),
+            _row_sample(row, "qemu-qcow2", 60),
+            _row_sample(row, "qemu-qcow2-io_uring", 120, cpu=2.0),  # faster mode counts
+        ]
+    )
+    found = {r.server: r for r in ratios(cells, [row], ["nbdserve", "nbdserve-qcow2"], PEERS,
+                                         GROUPS)}  # fmt: skip
+    qcow2 = found["nbdserve-qcow2"]
+    assert qcow2.per_peer == {"qemu-nbd": pytest.approx(0.75)}
+    assert qcow2.fastest_peer == "qemu-nbd" and qcow2.vs_fastest == pytest.approx(0.75)
+    assert qcow2.cpu_vs_fastest == pytest.approx((0.9 / 90) / (2.0 / 120))
+    raw = found["nbdserve"]
+    assert raw.per_peer == {"qemu-nbd": pytest.approx(2.0), "nbdkit file": pytest.approx(0.25)}
+    assert raw.fastest_peer == "nbdkit file"
+
+
+def test_markdown_gives_qcow2_its_own_tables_with_its_rows_only() -> None:
+    rows = [ROW["randread-4k-qd1"], ROW["randread-4k-qd16"]]
+    servers = [SERVER["nbdserve"], SERVER["nbdserve-qcow2"], SERVER["qemu-qcow2"]]
+    samples = [
+        _row_sample("randread-4k-qd1", "nbdserve", 40),
+        _row_sample("randread-4k-qd16", "nbdserve", 100),
+        _row_sample("randread-4k-qd16", "nbdserve-qcow2", 80),
+    ]  # qemu-qcow2 failed every run: its cell shows a dash
+    cells = summarise(samples)
+    ratio_list = ratios(cells, [r.key for r in rows], ["nbdserve", "nbdserve-qcow2"], PEERS,
+                        GROUPS)  # fmt: skip
+    schedule = {
+        "nbdserve": ["randread-4k-qd1", "randread-4k-qd16"],
+        "nbdserve-qcow2": ["randread-4k-qd16"],
+        "qemu-qcow2": ["randread-4k-qd16"],
+    }
+    text = markdown({**META, "schedule": schedule}, rows, servers, cells, ratio_list)
+    assert "| Row | nbdserve |\n" in text
+    assert "| 4K random read QD1 | 10.2k IOPS (40 MiB/s) |" in text
+    assert "| Row | nbdserve qcow2 | qemu-nbd qcow2 threads |\n" in text
+    assert "| 4K random read QD16 | 20.5k IOPS (80 MiB/s) | — |" in text
+    assert "4K random read QD1 | 10.2k IOPS (40 MiB/s) | —" not in text  # no raw row padded
+    assert text.count("| 4K random read QD1 |") == 4  # throughput, ratio, CPU, RSS: raw only
+    assert "On the qcow2 image (`qemu-img convert -O qcow2 -o cluster_size=64k`" in text
+
+
+def test_chart_draws_only_scheduled_cells(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    cells = summarise([_row_sample("randread-4k-qd16", "nbdserve-qcow2", 80)])
+    ratio_list = ratios(cells, ["randread-4k-qd16"], ["nbdserve-qcow2"], PEERS, GROUPS)
+    rows = [ROW["randread-4k-qd1"], ROW["randread-4k-qd16"]]
+    schedule = {"nbdserve-qcow2": ["randread-4k-qd16"]}
+    png = tmp_path / "r.png"
+    assert chart(png, rows, [SERVER["nbdserve-qcow2"]], ratio_list, schedule) is None
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_qemu_img_check_flags_a_damaged_qcow2(tmp_path: Path) -> None:
+    raw, qcow2 = tmp_path / "a.raw", tmp_path / "a.qcow2"
+    raw.write_bytes(os.urandom(2**20))
+    make_qcow2(raw, qcow2)
+    assert check_qcow2(qcow2) is None
+    with qcow2.open("r+b") as f:  # data clusters now point past the end of the file
+        f.truncate(qcow2.stat().st_size // 2)
+    problem = check_qcow2(qcow2)
+    assert problem is not None and "exited 2" in problem and "errors were found" in problem

@@ -40,6 +40,12 @@ class Transport:
         call (the protocol objects copy what they are fed)."""
         raise NotImplementedError
 
+    async def receive_into(self, view: memoryview) -> int:
+        """Receive up to ``len(view)`` bytes into ``view``; 0 at end of file."""
+        data = await self.receive(len(view))
+        view[: len(data)] = data
+        return len(data)
+
     async def send(self, buffers: Sequence[Buffer]) -> None:
         """Write every buffer, in order, completely."""
         raise NotImplementedError
@@ -94,6 +100,20 @@ class SocketTransport(Transport):
         while True:
             try:
                 return view[:sock.recv_into(view, max_bytes)]
+            except BlockingIOError:
+                self._spins = 0
+                await trio.lowlevel.wait_readable(sock)
+
+    async def receive_into(self, view: memoryview) -> int:
+        # Straight into the caller's buffer (a large WRITE payload): no copy in user space.
+        sock = self._sock
+        self._spins += 1
+        if self._spins >= _MAX_SPINS:
+            self._spins = 0
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                return sock.recv_into(view)
             except BlockingIOError:
                 self._spins = 0
                 await trio.lowlevel.wait_readable(sock)

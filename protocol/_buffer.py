@@ -61,6 +61,16 @@ class ReceiveBuffer:
         self._compact()
         return out
 
+    def take_into(self, dst: memoryview) -> int:
+        """Consume up to ``len(dst)`` bytes by copying them into ``dst``; return how many."""
+        start = self._pos
+        n = min(len(dst), len(self._buf) - start)
+        with memoryview(self._buf) as view:
+            dst[:n] = view[start : start + n]
+        self._pos = start + n
+        self._compact()
+        return n
+
     def take_all(self) -> bytes:
         return self.take(len(self))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 
 from . import _wire as wire
@@ -45,6 +45,7 @@ from ._validate import Validator
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",
+    "DIRECT_PAYLOAD_MIN",
     "MAX_ERROR_MESSAGE",
     "MAX_EXTENTS",
     "ClientTransmission",
@@ -55,6 +56,12 @@ __all__ = [
 #: Largest READ/WRITE payload a server accepts by default (the spec's 32 MiB default). A WRITE
 #: payload above the server's limit is a denial of service: the server disconnects (as qemu).
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
+#: WRITE payloads at least this long get a buffer of their own from the payload allocator, and
+#: the caller may receive the rest of one straight into it (``payload_buffer()``): a large
+#: payload is then never copied in user space. Smaller ones are cheaper to copy.
+DIRECT_PAYLOAD_MIN = 64 * 1024
+#: Gives a writable buffer of exactly the requested size for a large WRITE payload.
+PayloadAllocator = Callable[[int], memoryview]
 #: Error chunk messages are cut to this many UTF-8 bytes: qemu's client refuses non-data chunk
 #: payloads over 1000 bytes.
 MAX_ERROR_MESSAGE = 896
@@ -83,6 +90,10 @@ class _State(Enum):
     ERROR = "error"  # the peer broke the protocol
 
 
+def _bytearray_view(length: int) -> memoryview:
+    return memoryview(bytearray(length))
+
+
 def _truncate_message(message: str) -> bytes:
     raw = message.encode("utf-8", "replace")
     if len(raw) > MAX_ERROR_MESSAGE:
@@ -101,10 +112,20 @@ class ServerTransmission:
 
     Memory is bounded: a request's payload is read only if it fits ``max_payload``; a bigger
     WRITE payload raises :class:`RemoteProtocolError` as soon as its header arrives.
+
+    A WRITE payload of at least :data:`DIRECT_PAYLOAD_MIN` bytes goes into a buffer from
+    ``payload_allocator`` (a ``bytearray`` by default; a server may hand out page-aligned
+    pooled memory). While one is incomplete, :meth:`payload_buffer` returns the part still
+    missing: receive into it and report the count with :meth:`payload_received`, or keep
+    feeding :meth:`receive_data` as usual; both give the same events.
     """
 
     def __init__(
-        self, session: Session, max_payload: int = DEFAULT_MAX_PAYLOAD, leftover: bytes = b""
+        self,
+        session: Session,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        leftover: bytes = b"",
+        payload_allocator: PayloadAllocator = _bytearray_view,
     ) -> None:
         if max_payload <= 0:
             raise LocalProtocolError("max_payload must be positive")
@@ -122,12 +143,20 @@ class ServerTransmission:
             self._header = wire.REQUEST
             self._magic = REQUEST_MAGIC
         self._header_size = self._header.size
+        self._allocate = payload_allocator
+        # A large WRITE whose header is parsed and whose payload is still arriving: the
+        # header's fields, the payload buffer and how much of it is filled.
+        self._head: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+        self._payload: memoryview | None = None
+        self._filled = 0
 
     # -- receiving -----------------------------------------------------------------------------
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into events."""
+        if self._payload is not None:
+            return self._header_size + self._filled + len(self._buffer)
         return len(self._buffer)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -137,7 +166,34 @@ class ServerTransmission:
         holds more than one incomplete request (header + at most ``max_payload``) plus the
         bytes just fed.
         """
+        payload = self._payload
+        if payload is not None and data:
+            filled = self._filled
+            n = min(len(data), len(payload) - filled)
+            if n:
+                payload[filled : filled + n] = data[:n]
+                self._filled = filled + n
+                if n == len(data):
+                    return
+                data = memoryview(data)[n:]
         self._buffer.feed(data)
+
+    def payload_buffer(self) -> memoryview | None:
+        """The missing part of a large WRITE payload, to receive into directly; None when
+        no payload is in progress. Report what arrived with :meth:`payload_received`."""
+        payload = self._payload
+        if payload is None or self._filled == len(payload):
+            return None
+        return payload[self._filled :]
+
+    def payload_received(self, n: int) -> None:
+        """``n`` bytes were written into the :meth:`payload_buffer`; 0 means EOF."""
+        payload = self._payload
+        if payload is None or not 0 <= n <= len(payload) - self._filled:
+            raise LocalProtocolError(f"payload_received({n}) without that much room")
+        if n == 0:
+            self._buffer.feed(b"")
+        self._filled += n
 
     def next_event(self) -> Request | Disconnect | Closed | NeedData:
         """The next complete request, or NEED_DATA.
@@ -150,6 +206,18 @@ class ServerTransmission:
         if state is not _State.OPEN:
             return self._next_event_closing(state)
         buf = self._buffer
+        payload = self._payload
+        if payload is not None:
+            if self._filled < len(payload):
+                if buf.eof:
+                    self._state = _State.ERROR
+                    raise RemoteProtocolError(
+                        f"EOF inside a request ({self.buffered} bytes buffered)"
+                    )
+                return NEED_DATA
+            self._payload = None
+            flags, cmd_value, cookie, offset, length = self._head
+            return self._request(flags, cmd_value, cookie, offset, length, payload)
         available = len(buf)
         header_size = self._header_size
         if available < header_size:
@@ -167,13 +235,35 @@ class ServerTransmission:
                 raise RemoteProtocolError(
                     f"payload of {length} bytes exceeds the limit {self.max_payload}"
                 )
-            if available < header_size + length:
+            if length >= DIRECT_PAYLOAD_MIN:
+                buf.skip(header_size)
+                payload = self._allocate(length)
+                filled = buf.take_into(payload)
+                if filled < length:
+                    self._head = (flags, cmd_value, cookie, offset, length)
+                    self._payload, self._filled = payload, filled
+                    return self.next_event()  # NEED_DATA, or the error at EOF
+                data: bytes | memoryview | None = payload
+            elif available < header_size + length:
                 return self._short(available)
-            buf.skip(header_size)
-            data: bytes | None = buf.take(length)
+            else:
+                buf.skip(header_size)
+                data = buf.take(length)
         else:
             buf.skip(header_size)
             data = None
+        return self._request(flags, cmd_value, cookie, offset, length, data)
+
+    def _request(
+        self,
+        flags: int,
+        cmd_value: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        data: bytes | memoryview | None,
+    ) -> Request | Disconnect:
+        cmd = _CMD_BY_VALUE.get(cmd_value)
         cmd_flags = _FLAGS_BY_VALUE.get(flags)
         if cmd_flags is None:
             cmd_flags = CmdFlag(flags)

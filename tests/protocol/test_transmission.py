@@ -691,3 +691,83 @@ def test_requests_pipelined_behind_go_reach_the_transmission() -> None:
         (2, Cmd.FLUSH),
     ]
     assert got[2] is NEED_DATA
+
+
+# -- large WRITE payloads received in place ------------------------------------------------------
+
+
+def _large_writes_stream() -> tuple[bytes, list[Request]]:
+    big = bytes(range(256)) * 1024  # 256 KiB, above DIRECT_PAYLOAD_MIN
+    requests = [
+        Request(1, Cmd.WRITE, offset=0, length=len(big), data=big),
+        Request(2, Cmd.READ, offset=0, length=4096),
+        Request(3, Cmd.WRITE, CmdFlag.FUA, 4096, len(big), big[::-1]),
+        Request(4, Cmd.WRITE, offset=1 << 40, length=1 << 16, data=bytes(1 << 16)),  # invalid
+    ]
+    raw = b"".join(
+        wire.REQUEST.pack(0x25609513, int(r.flags), int(r.cmd), r.cookie, r.offset, r.length)
+        + (r.data or b"")
+        for r in requests
+    )
+    return raw, requests
+
+
+@pytest.mark.parametrize("chunk", [1000, 65536, 300_000])
+def test_payload_buffer_gives_the_same_events_as_receive_data(chunk: int) -> None:
+    raw, requests = _large_writes_stream()
+    fed = ServerTransmission(_session())
+    fed.receive_data(raw)
+    expected = []
+    while (ev := fed.next_event()) is not NEED_DATA:
+        expected.append(ev)
+    assert [r.cookie for r in expected] == [1, 2, 3, 4]  # type: ignore[union-attr]
+    assert expected[0].data == requests[0].data  # type: ignore[union-attr]
+    assert expected[3].error is Errno.ENOSPC  # type: ignore[union-attr]
+
+    sizes: list[int] = []
+
+    def allocate(length: int) -> memoryview:
+        sizes.append(length)
+        return memoryview(bytearray(length))
+
+    server = ServerTransmission(_session(), payload_allocator=allocate)
+    got = []
+    pos = 0
+    direct = 0
+    while pos < len(raw):
+        view = server.payload_buffer()
+        if view is not None:  # a socket's recv_into, in a server
+            n = min(chunk, len(view), len(raw) - pos)
+            view[:n] = raw[pos : pos + n]
+            server.payload_received(n)
+            direct += n
+        else:
+            n = chunk
+            server.receive_data(raw[pos : pos + n])
+        pos += n
+        while (ev := server.next_event()) is not NEED_DATA:
+            got.append(ev)
+    assert got == expected
+    assert sizes == [256 * 1024, 256 * 1024, 1 << 16]
+    assert direct > 0 and server.buffered == 0 and server.payload_buffer() is None
+
+
+def test_eof_inside_a_payload_received_in_place() -> None:
+    server = ServerTransmission(_session())
+    server.receive_data(wire.REQUEST.pack(0x25609513, 0, Cmd.WRITE, 1, 0, 1 << 17) + b"ab")
+    assert server.next_event() is NEED_DATA
+    view = server.payload_buffer()
+    assert view is not None and len(view) == (1 << 17) - 2
+    assert server.buffered == 28 + 2
+    with pytest.raises(LocalProtocolError):
+        server.payload_received(len(view) + 1)
+    server.payload_received(0)  # EOF
+    with pytest.raises(RemoteProtocolError, match="EOF inside a request"):
+        server.next_event()
+
+
+def test_payload_received_without_a_payload_is_misuse() -> None:
+    server = ServerTransmission(_session())
+    assert server.payload_buffer() is None
+    with pytest.raises(LocalProtocolError):
+        server.payload_received(1)

@@ -43,8 +43,8 @@ def _scheduled(meta: dict[str, Any], row: Row, server: Server) -> bool:
     return schedule is None or row.key in schedule.get(server.key, [])
 
 
-def _group_note(meta: dict[str, Any], fmt: str) -> str:
-    if fmt == "qcow2":
+def _group_note(meta: dict[str, Any], fmt: str, detail: bool) -> str:
+    if fmt == "qcow2" and detail:
         options = meta.get("qcow2_options", "cluster_size=64k")
         return (
             f"On the qcow2 image (`qemu-img convert -O qcow2 -o {options}` of the raw image, "
@@ -58,8 +58,11 @@ def _per_group(
     rows: Sequence[Row],
     servers: Sequence[Server],
     figure: Callable[[Row, Server], str],
+    detail: bool = False,
 ) -> list[str]:
-    """One table per image format, holding only the rows some server of that group ran."""
+    """One table per image format, holding only the rows some server of that group ran.
+
+    *detail* says how a non-raw image was made (once per report is enough)."""
     groups = _groups(servers)
     out: list[str] = []
     for fmt, group in groups:
@@ -68,8 +71,8 @@ def _per_group(
             continue
         if out:
             out.append("")
-        if len(groups) > 1:
-            out += [_group_note(meta, fmt), ""]
+        if len(groups) > 1 or fmt != "raw":
+            out += [_group_note(meta, fmt, detail), ""]
         out += _table(
             ["Row", *(s.label for s in group)],
             [[r.title, *(figure(r, s) for s in group)] for r in shown],
@@ -109,7 +112,7 @@ def markdown(
         "",
         "Median over the runs; ±N% is half the spread (max - min) relative to the median.",
         "",
-        *_per_group(meta, rows, servers, lambda r, s: _rate(cell(r, s), r)),
+        *_per_group(meta, rows, servers, lambda r, s: _rate(cell(r, s), r), detail=True),
         "",
         "## nbdserve ÷ peer (throughput; above 1.00x nbdserve is faster)",
         "",

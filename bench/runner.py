@@ -224,7 +224,7 @@ def _session(server: Server, rows: Sequence[Row], run: int, image: Path, source:
 
 
 def _describe(s: Sample, server: Server, row: Row, run: int, runs: int) -> str:
-    where = f"[{run}/{runs}] {server.label:<22} {row.title:<32}"
+    where = f"[{run}/{runs}] {server.label:<24} {row.title:<32}"
     if s.error:
         return f"{where} ERROR {s.error}"
     rate = f"{s.iops:>9,.0f} IOPS" if row.small_io and s.iops else f"{s.mib_per_s:>9,.0f} MiB/s"

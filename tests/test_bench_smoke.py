@@ -361,7 +361,8 @@ def test_markdown_gives_qcow2_its_own_tables_with_its_rows_only() -> None:
     assert "| 4K random read QD16 | 20.5k IOPS (80 MiB/s) | — |" in text
     assert "4K random read QD1 | 10.2k IOPS (40 MiB/s) | —" not in text  # no raw row padded
     assert text.count("| 4K random read QD1 |") == 4  # throughput, ratio, CPU, RSS: raw only
-    assert "On the qcow2 image (`qemu-img convert -O qcow2 -o cluster_size=64k`" in text
+    assert text.count("On the qcow2 image (`qemu-img convert -O qcow2 -o cluster_size=64k`") == 1
+    assert text.count("On the qcow2 image:") == 2  # CPU and RSS tables
 
 
 def test_chart_draws_only_scheduled_cells(tmp_path: Path) -> None:

@@ -203,10 +203,11 @@ def chart(
         ]
         ax.bar_label(bars, labels=labels, fontsize=6, rotation=90, padding=2)
     ax.axhline(1.0, color="black", linewidth=1)
+    ax.margins(y=0.12)  # room above the tallest bar for its label
     ax.set_xticks(range(len(shown)))
     ax.set_xticklabels([r.title for r in shown], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("throughput ÷ fastest peer")
-    ax.set_title("nbdserve ÷ fastest peer on the same image format (qemu-nbd, nbdkit)")
+    ax.set_title("nbdserve ÷ fastest peer serving the same image format", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -66,6 +66,10 @@ SEND_BATCH_BYTES = 4 << 20
 #: the bound a payload gets an unpooled buffer.
 _PAYLOADS = BufferPool(max_bytes=16 << 20)
 
+#: Before sending a batch of replies, this many more non-blocking receives may add the requests
+#: that arrived meanwhile to it.
+GATHER_PASSES = 4
+
 #: Checks a TLS client after its handshake: None to accept, else the reason for refusing.
 TLSAuthz = Callable[[trio.SSLStream], "str | None"]
 
@@ -290,7 +294,7 @@ class Connection:
         tx, transport, slots = self._tx, self.transport, self._slots
         serve_now = self._serve_now
         out: list[Buffer] = []
-        pending = 0
+        pending = gathered = 0
         while True:
             while True:
                 try:
@@ -337,8 +341,16 @@ class Connection:
                     self.end_reason = "shutdown"
                 return
             if out:
+                # Requests that arrived while this batch was served join it: one sendmsg,
+                # one wake-up of the client, for all their replies.
+                if gathered < GATHER_PASSES and tx.payload_buffer() is None:
+                    data = transport.receive_nowait(RECV_SIZE)
+                    if data is not None:
+                        gathered += 1
+                        tx.receive_data(data)
+                        continue
                 await self._send(out)
-                out, pending = [], 0
+                out, pending, gathered = [], 0, 0
             view = tx.payload_buffer()
             if view is not None:
                 received = await transport.receive_into(view)

@@ -40,6 +40,10 @@ class Transport:
         call (the protocol objects copy what they are fed)."""
         raise NotImplementedError
 
+    def receive_nowait(self, max_bytes: int) -> bytes | memoryview | None:
+        """Like :meth:`receive` if that would not wait; else None (and nothing consumed)."""
+        return None
+
     async def receive_into(self, view: memoryview) -> int:
         """Receive up to ``len(view)`` bytes into ``view``; 0 at end of file."""
         data = await self.receive(len(view))
@@ -103,6 +107,15 @@ class SocketTransport(Transport):
             except BlockingIOError:
                 self._spins = 0
                 await trio.lowlevel.wait_readable(sock)
+
+    def receive_nowait(self, max_bytes: int) -> bytes | memoryview | None:
+        if len(self._buffer) < max_bytes:
+            return None  # receive() sizes the buffer; this path is for the steady state
+        view = self._view
+        try:
+            return view[: self._sock.recv_into(view, max_bytes)]
+        except BlockingIOError:
+            return None
 
     async def receive_into(self, view: memoryview) -> int:
         # Straight into the caller's buffer (a large WRITE payload): no copy in user space.

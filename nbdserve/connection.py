@@ -69,6 +69,8 @@ _PAYLOADS = BufferPool(max_bytes=16 << 20)
 #: Before sending a batch of replies, this many more non-blocking receives may add the requests
 #: that arrived meanwhile to it.
 GATHER_PASSES = 4
+#: Batches that make no such try after one that found nothing.
+GATHER_BACKOFF = 8
 
 #: Checks a TLS client after its handshake: None to accept, else the reason for refusing.
 TLSAuthz = Callable[[trio.SSLStream], "str | None"]
@@ -294,7 +296,7 @@ class Connection:
         tx, transport, slots = self._tx, self.transport, self._slots
         serve_now = self._serve_now
         out: list[Buffer] = []
-        pending = gathered = 0
+        pending = gathered = gather_skip = 0
         while True:
             while True:
                 try:
@@ -343,12 +345,18 @@ class Connection:
             if out:
                 # Requests that arrived while this batch was served join it: one sendmsg,
                 # one wake-up of the client, for all their replies.
-                if gathered < GATHER_PASSES and tx.payload_buffer() is None:
+                # A client that waits for each reply (QD1) never has more to send: after a
+                # first try that finds nothing, skip the next few batches' tries.
+                if gather_skip:
+                    gather_skip -= 1
+                elif gathered < GATHER_PASSES and tx.payload_buffer() is None:
                     data = transport.receive_nowait(RECV_SIZE)
                     if data is not None:
                         gathered += 1
                         tx.receive_data(data)
                         continue
+                    if not gathered:
+                        gather_skip = GATHER_BACKOFF
                 await self._send(out)
                 out, pending, gathered = [], 0, 0
             view = tx.payload_buffer()

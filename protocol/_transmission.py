@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 
 from . import _wire as wire
-from ._buffer import ReceiveBuffer
+from ._buffer import _COMPACT_AT, ReceiveBuffer
 from ._constants import (
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
@@ -218,11 +218,14 @@ class ServerTransmission:
             self._payload = None
             flags, cmd_value, cookie, offset, length = self._head
             return self._request(flags, cmd_value, cookie, offset, length, payload)
-        available = len(buf)
+        # The buffer's fields are read here directly: this runs once per request, and each
+        # method call on the buffer would cost as much as the work it does.
+        raw, pos = buf._buf, buf._pos
+        available = len(raw) - pos
         header_size = self._header_size
         if available < header_size:
             return self._short(available)
-        magic, flags, cmd_value, cookie, offset, length = buf.unpack(self._header)
+        magic, flags, cmd_value, cookie, offset, length = self._header.unpack_from(raw, pos)
         if magic != self._magic:
             self._state = _State.ERROR
             kind = "extended" if self._extended else "compact"
@@ -250,7 +253,10 @@ class ServerTransmission:
                 buf.skip(header_size)
                 data = buf.take(length)
         else:
-            buf.skip(header_size)
+            pos += header_size
+            buf._pos = pos
+            if pos == len(raw) or pos >= _COMPACT_AT:
+                buf.skip(0)  # let the buffer drop what is consumed
             data = None
         return self._request(flags, cmd_value, cookie, offset, length, data)
 

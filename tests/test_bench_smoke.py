@@ -366,7 +366,6 @@ def test_markdown_gives_qcow2_its_own_tables_with_its_rows_only() -> None:
 
 
 def test_chart_draws_only_scheduled_cells(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     cells = summarise([_row_sample("randread-4k-qd16", "nbdserve-qcow2", 80)])
     ratio_list = ratios(cells, ["randread-4k-qd16"], ["nbdserve-qcow2"], PEERS, GROUPS)
     rows = [ROW["randread-4k-qd1"], ROW["randread-4k-qd16"]]

@@ -80,6 +80,10 @@ DEFAULT_MAX_IN_FLIGHT_BYTES = 64 << 20
 
 _ids = itertools.count(1)
 
+#: A valid READ or WRITE as ServerTransmission.next_plain gives it: (command, flags, cookie,
+#: offset, length, WRITE payload).
+PlainRequest = tuple[int, int, int, int, int, "bytes | memoryview | None"]
+
 
 class PayloadBudget:
     """READ/WRITE payload bytes held by request tasks, shared by every connection of a server
@@ -294,27 +298,34 @@ class Connection:
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         tx, transport, slots = self._tx, self.transport, self._slots
-        serve_now = self._serve_now
+        serve_now, serve_plain = self._serve_now, self._serve_plain
         out: list[Buffer] = []
         pending = gathered = gather_skip = 0
         while True:
             while True:
                 try:
-                    event = tx.next_event()
+                    event = tx.next_plain()
                 except RemoteProtocolError:
                     if not self._stopping:
                         if out:
                             await self._send(out)
                         raise
                     event = Closed()  # we cut the stream ourselves, mid-request
-                if type(event) is Request:
+                if type(event) is tuple:  # a valid READ or WRITE, as plain fields
+                    sent = serve_plain(event, out)
+                    if sent < 0:
+                        event = tx.as_request(event)
+                elif type(event) is Request:
                     sent = serve_now(event, out)
-                    if sent >= 0:
-                        pending += sent
-                        if pending >= SEND_BATCH_BYTES:
-                            await self._send(out)
-                            out, pending = [], 0
-                        continue
+                else:
+                    sent = -2
+                if sent >= 0:
+                    pending += sent
+                    if pending >= SEND_BATCH_BYTES:
+                        await self._send(out)
+                        out, pending = [], 0
+                    continue
+                if type(event) is Request:
                     # Back-pressure: with every slot (or the payload budget) in use, answer
                     # what is ready, then wait before taking more requests off the wire.
                     cost = event.length if event.cmd is Cmd.READ or event.cmd is Cmd.WRITE else 0
@@ -366,6 +377,39 @@ class Connection:
                 tx.payload_received(received)
             else:
                 tx.receive_data(await transport.receive(RECV_SIZE))
+
+    def _serve_plain(self, plain: PlainRequest, out: list[Buffer]) -> int:
+        """:meth:`_serve_now` for a valid READ or WRITE given as plain fields (the hot path:
+        no request object unless it needs a task or fails)."""
+        cmd, flags, _, offset, length, data = plain
+        stats = self.stats
+        stats.counts[cmd] += 1
+        if flags & _FUA:
+            return -1
+        ctx = self._ctx
+        try:
+            if cmd == _READ:
+                buf = ctx.child.read_nowait(offset, length)
+                if buf is not None:
+                    stats.bytes_read += length
+                    if (length >= SPARSE_READ_MIN and ctx.structured and not flags & _DF
+                            and is_zero(buf)):
+                        hole = self._tx.reply_read_chunks(self._tx.as_request(plain),
+                                                          [(offset, length)])
+                        out.extend(hole)
+                        return sum(len(b) for b in hole)
+                    out.extend(self._tx.reply_read_plain(plain, buf))
+                    return length
+            elif not ctx.writethrough and ctx.child.write_nowait(offset, data):  # type: ignore[arg-type]
+                stats.bytes_written += length
+                reply = self._tx.reply_ok_plain(plain)
+                out.append(reply)
+                return len(reply)
+        except OSError as e:
+            reply = self._error_reply(self._tx.as_request(plain), e)
+            out.append(reply)
+            return len(reply)
+        return -1
 
     def _serve_now(self, request: Request, out: list[Buffer]) -> int:
         """Answer ``request`` at once if the block layer can without waiting, appending the

@@ -10,6 +10,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
+from typing import cast
 
 from . import _wire as wire
 from ._buffer import _COMPACT_AT, ReceiveBuffer
@@ -49,6 +50,7 @@ __all__ = [
     "MAX_ERROR_MESSAGE",
     "MAX_EXTENTS",
     "ClientTransmission",
+    "PlainRequest",
     "ReadPiece",
     "ServerTransmission",
 ]
@@ -62,6 +64,9 @@ DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 DIRECT_PAYLOAD_MIN = 64 * 1024
 #: Gives a writable buffer of exactly the requested size for a large WRITE payload.
 PayloadAllocator = Callable[[int], memoryview]
+#: A valid READ or WRITE from :meth:`ServerTransmission.next_plain`: (command, flags, cookie,
+#: offset, length, WRITE payload or None), the command and flags as plain ints.
+PlainRequest = tuple[int, int, int, int, int, "bytes | memoryview | None"]
 #: Error chunk messages are cut to this many UTF-8 bytes: qemu's client refuses non-data chunk
 #: payloads over 1000 bytes.
 MAX_ERROR_MESSAGE = 896
@@ -202,6 +207,24 @@ class ServerTransmission:
             RemoteProtocolError: bad magic, an oversized payload, EOF inside a message, or
                 data after NBD_CMD_DISC. Drop the connection.
         """
+        return cast("Request | Disconnect | Closed | NeedData", self._next(False))
+
+    def next_plain(self) -> PlainRequest | Request | Disconnect | Closed | NeedData:
+        """:meth:`next_event`, except that a valid READ or WRITE comes as a
+        :data:`PlainRequest` tuple: a server's hot path then builds no object for the
+        requests it answers at once. :meth:`as_request` turns the tuple into the
+        :class:`Request` that :meth:`next_event` would have returned (tested)."""
+        return self._next(True)
+
+    def as_request(self, plain: PlainRequest) -> Request:
+        """The :class:`Request` of a tuple from :meth:`next_plain`."""
+        cmd, flags, cookie, offset, length, data = plain
+        cmd_flags = _FLAGS_BY_VALUE.get(flags)
+        if cmd_flags is None:
+            cmd_flags = CmdFlag(flags)
+        return new_request(cookie, _CMD_BY_VALUE[cmd], cmd_flags, offset, length, data)
+
+    def _next(self, plain: bool) -> PlainRequest | Request | Disconnect | Closed | NeedData:
         state = self._state
         if state is not _State.OPEN:
             return self._next_event_closing(state)
@@ -217,7 +240,7 @@ class ServerTransmission:
                 return NEED_DATA
             self._payload = None
             flags, cmd_value, cookie, offset, length = self._head
-            return self._request(flags, cmd_value, cookie, offset, length, payload)
+            return self._request(flags, cmd_value, cookie, offset, length, payload, plain)
         # The buffer's fields are read here directly: this runs once per request, and each
         # method call on the buffer would cost as much as the work it does.
         raw, pos = buf._buf, buf._pos
@@ -245,7 +268,7 @@ class ServerTransmission:
                 if filled < length:
                     self._head = (flags, cmd_value, cookie, offset, length)
                     self._payload, self._filled = payload, filled
-                    return self.next_event()  # NEED_DATA, or the error at EOF
+                    return self._next(plain)  # NEED_DATA, or the error at EOF
                 data: bytes | memoryview | None = payload
             elif available < header_size + length:
                 return self._short(available)
@@ -258,7 +281,7 @@ class ServerTransmission:
             if pos == len(raw) or pos >= _COMPACT_AT:
                 buf.skip(0)  # let the buffer drop what is consumed
             data = None
-        return self._request(flags, cmd_value, cookie, offset, length, data)
+        return self._request(flags, cmd_value, cookie, offset, length, data, plain)
 
     def _request(
         self,
@@ -268,7 +291,8 @@ class ServerTransmission:
         offset: int,
         length: int,
         data: bytes | memoryview | None,
-    ) -> Request | Disconnect:
+        plain: bool,
+    ) -> PlainRequest | Request | Disconnect:
         cmd = _CMD_BY_VALUE.get(cmd_value)
         cmd_flags = _FLAGS_BY_VALUE.get(flags)
         if cmd_flags is None:
@@ -283,6 +307,8 @@ class ServerTransmission:
             return Disconnect()
         problem = self._validator.check(cmd, flags, offset, length)
         if problem is None:
+            if plain and (cmd is Cmd.READ or cmd is Cmd.WRITE):
+                return (cmd_value, flags, cookie, offset, length, data)
             return new_request(cookie, cmd, cmd_flags, offset, length, data)
         return new_request(cookie, cmd, cmd_flags, offset, length, data, problem[0], problem[1])
 
@@ -375,6 +401,34 @@ class ServerTransmission:
                 STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.OFFSET_DATA, cookie,
                 size + 8, request.offset,
             )  # fmt: skip
+        return [head, data]
+
+    def reply_ok_plain(self, plain: PlainRequest) -> bytes:
+        """:meth:`reply` for a WRITE from :meth:`next_plain` that succeeded."""
+        if self._extended:
+            return wire.EXTENDED_CHUNK_HEADER.pack(
+                EXTENDED_REPLY_MAGIC, _DONE, ReplyType.NONE, plain[2], plain[3], 0
+            )
+        return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, plain[2])
+
+    def reply_read_plain(self, plain: PlainRequest, data: Buffer) -> list[Buffer]:
+        """:meth:`reply_read` for a READ from :meth:`next_plain`."""
+        size = len(data) if not isinstance(data, memoryview) else data.nbytes
+        length = plain[4]
+        if size != length or not size:
+            return self.reply_read(self.as_request(plain), data)
+        if not self._structured:
+            return [wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, plain[2]), data]
+        offset = plain[3]
+        if self._extended:
+            head = wire.EXTENDED_CHUNK_HEADER_OFFSET.pack(
+                EXTENDED_REPLY_MAGIC, _DONE, ReplyType.OFFSET_DATA, plain[2],
+                offset, size + 8, offset,
+            )  # fmt: skip
+        else:
+            head = wire.CHUNK_HEADER_OFFSET.pack(
+                STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.OFFSET_DATA, plain[2], size + 8, offset
+            )
         return [head, data]
 
     def reply_read_chunks(

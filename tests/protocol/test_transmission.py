@@ -771,3 +771,51 @@ def test_payload_received_without_a_payload_is_misuse() -> None:
     assert server.payload_buffer() is None
     with pytest.raises(LocalProtocolError):
         server.payload_received(1)
+
+
+# -- plain requests for the server's hot path ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_next_plain_equals_next_event(mode: str) -> None:
+    contexts = ["base:allocation"] if mode != "simple" else []
+    client, by_event = connect(mode, contexts=contexts)
+    requests = [
+        *_requests()[:-1],
+        Request(8, Cmd.WRITE, offset=4096, length=1 << 17, data=bytes(range(256)) * 512),
+        Request(9, Cmd.READ, CmdFlag.FUA, 0, 512),
+        Request(10, Cmd.WRITE, offset=1 << 40, length=3, data=b"out"),  # invalid: a Request
+        Request(11, Cmd.READ, offset=0, length=0),
+        Request(12, Cmd.FLUSH),
+        _requests()[-1],
+    ]
+    raw = b"".join(bytes(b) for r in requests for b in client.send(r))
+    by_event.receive_data(raw)
+    expected = []
+    while (ev := by_event.next_event()) is not NEED_DATA:
+        expected.append(ev)
+    assert len(expected) == len(requests)
+
+    _, by_plain = connect(mode, contexts=contexts)
+    by_plain.receive_data(raw)
+    got: list[Any] = []
+    while (ev2 := by_plain.next_plain()) is not NEED_DATA:
+        got.append(ev2)
+    plain = [g for g in got if isinstance(g, tuple)]
+    valid_io = [
+        e.cookie
+        for e in expected
+        if isinstance(e, Request) and e.error is None and e.cmd in (Cmd.READ, Cmd.WRITE)
+    ]
+    assert [p[2] for p in plain] == valid_io
+    assert {1, 8, 9, 11} <= set(valid_io)
+    assert [by_plain.as_request(g) if isinstance(g, tuple) else g for g in got] == expected
+
+    # The plain reply builders frame exactly what the Request ones do.
+    for g in plain:
+        request = by_plain.as_request(g)
+        if request.cmd is Cmd.READ:
+            data = bytes(request.length)
+            assert by_plain.reply_read_plain(g, data) == by_plain.reply_read(request, data)
+        else:
+            assert by_plain.reply_ok_plain(g) == by_plain.reply(request)

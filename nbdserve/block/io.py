@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["Child"]
 
 _ENOTSUP = {errno.ENOTSUP, errno.EOPNOTSUPP}
+_NO_FLAGS = ReqFlags.NONE
 #: Largest zero buffer written when a driver cannot zero by itself.
 ZERO_CHUNK = 1 << 20
 #: Copy-on-read copies backing data up in pieces of at least this size (cf. a qcow2 cluster).
@@ -237,7 +238,7 @@ class Child:
         length = len(data)
         if (
             self._writable
-            and not flags
+            and (flags is _NO_FLAGS or not flags)  # identity first: Flag.__bool__ is Python
             and node._fast_write
             and not node._tracker.serialising
             and offset >= 0

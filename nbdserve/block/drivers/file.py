@@ -84,6 +84,7 @@ _pwritev = os.pwritev
 _RWF_NOWAIT = os.RWF_NOWAIT
 _RWF_DSYNC = os.RWF_DSYNC
 _FUA = ReqFlags.FUA
+_NO_FLAGS = ReqFlags.NONE
 
 #: Largest single transfer: below Linux's per-call cap of 0x7ffff000 bytes, and aligned.
 MAX_TRANSFER = 1 << 30
@@ -341,7 +342,9 @@ class FileDriver(Driver):
     def write_nowait(self, offset: int, data: Buffer, flags: ReqFlags) -> bool:
         # A durable (FUA) write waits for the disk and a large one holds up the loop: write()
         # takes those. So does a partial write, writing the same bytes again.
-        if flags & _FUA or len(data) > NOWAIT_MAX:
+        # Flag arithmetic runs Python code (and builds a new member): the generic layer only
+        # calls with no flags at all, so an identity test settles the common case.
+        if len(data) > NOWAIT_MAX or (flags is not _NO_FLAGS and flags & _FUA):
             return False
         if not self._nowait_writes:
             return self._write_inline(offset, data)

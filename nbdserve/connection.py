@@ -34,6 +34,7 @@ from protocol import (
     Disconnect,
     Errno,
     OptionHandled,
+    PlainRequest,
     Ready,
     RemoteProtocolError,
     Request,
@@ -45,7 +46,7 @@ from protocol import (
     TransmissionFlag,
 )
 
-from .block.drivers._file_buffers import BufferPool
+from .block.buffers import BufferPool
 from .commands import HANDLERS, SPARSE_READ_MIN, CommandContext, is_zero
 from .errors import nbd_errno
 from .exports import MAX_PAYLOAD, Catalogue, Export
@@ -62,7 +63,7 @@ SEND_BATCH_BYTES = 4 << 20
 
 #: Page-aligned, recycled buffers for large WRITE payloads, shared by every connection: the
 #: payload is received straight into one, and the kernel copies aligned memory into the page
-#: cache several times faster than a malloc'ed bytearray (see _file_buffers). Bounded; past
+#: cache several times faster than a malloc'ed bytearray (see block/buffers.py). Bounded; past
 #: the bound a payload gets an unpooled buffer.
 _PAYLOADS = BufferPool(max_bytes=16 << 20)
 
@@ -73,17 +74,12 @@ GATHER_PASSES = 4
 GATHER_BACKOFF = 8
 
 #: Checks a TLS client after its handshake: None to accept, else the reason for refusing.
-TLSAuthz = Callable[[trio.SSLStream], "str | None"]
+TLSAuthz = Callable[["trio.SSLStream[trio.abc.Stream]"], "str | None"]
 
 #: Default payload budget of a server (see PayloadBudget).
 DEFAULT_MAX_IN_FLIGHT_BYTES = 64 << 20
 
 _ids = itertools.count(1)
-
-#: A valid READ or WRITE as ServerTransmission.next_plain gives it: (command, flags, cookie,
-#: offset, length, WRITE payload).
-PlainRequest = tuple[int, int, int, int, int, "bytes | memoryview | None"]
-
 
 class PayloadBudget:
     """READ/WRITE payload bytes held by request tasks, shared by every connection of a server

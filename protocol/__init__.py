@@ -93,9 +93,11 @@ from ._handshake import (
 )
 from ._transmission import (
     DEFAULT_MAX_PAYLOAD,
+    DIRECT_PAYLOAD_MIN,
     MAX_ERROR_MESSAGE,
     MAX_EXTENTS,
     ClientTransmission,
+    PlainRequest,
     ReadPiece,
     ServerTransmission,
 )
@@ -104,6 +106,7 @@ __all__ = [
     "DEFAULT_MAX_OPTIONS",
     "DEFAULT_MAX_OPTION_LENGTH",
     "DEFAULT_MAX_PAYLOAD",
+    "DIRECT_PAYLOAD_MIN",
     "EXTENDED_REPLY_MAGIC",
     "EXTENDED_REQUEST_MAGIC",
     "IHAVEOPT",
@@ -147,6 +150,7 @@ __all__ = [
     "OptionAck",
     "OptionError",
     "OptionHandled",
+    "PlainRequest",
     "ProtocolError",
     "ReadData",
     "ReadHole",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 
-from nbdserve.block.drivers._file_buffers import BufferPool
+from nbdserve.block.buffers import BufferPool
 
 
 def address(view: memoryview) -> int:

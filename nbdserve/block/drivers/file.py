@@ -20,7 +20,7 @@ for a second. With
 goes to the disk, so all of it runs in the thread pool.
 
 **Buffers.** Reads return a ``memoryview`` of a recycled, page-aligned buffer that belongs to
-the caller until the caller drops every reference to it; see ``_file_buffers.py`` for why
+the caller until the caller drops every reference to it; see ``nbdserve/block/buffers.py`` for why
 (aligned copies out of the page cache are up to ten times faster) and for the ownership rule.
 
 **FUA** is native: ``RWF_DSYNC`` on the write. **Flush** is ``fdatasync``; after one failed
@@ -67,11 +67,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import threads
+from ..buffers import BufferPool, aligned
 from ..driver import Driver, Opt
 from ..errors import GraphError
 from ..types import Buffer, Extent, Limits, Perm, ReqFlags, Status
 from . import _file_sys as sys_
-from ._file_buffers import BufferPool, aligned
 from ._file_lock import ImageLock, ImageLockedError, ofd_locks_supported
 
 if TYPE_CHECKING:

@@ -106,6 +106,7 @@ async def serve_config(config: ServerConfig, warnings: Sequence[str] = ()) -> in
         server = Server(Catalogue(exports), max_connections=config.max_connections,
                         persistent=config.persistent,
                         handshake_timeout=config.handshake_timeout,
+                        shutdown_grace=config.shutdown_grace,
                         max_in_flight=config.max_in_flight,
                         max_in_flight_bytes=config.max_in_flight_bytes, **_tls_options(config))
         if config.listen.stdin:

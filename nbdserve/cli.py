@@ -22,6 +22,7 @@ from .config import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_PORT,
+    DEFAULT_SHUTDOWN_GRACE,
     ExportSpec,
     ListenSpec,
     ServerConfig,
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                      default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
                      help=f"drop clients that do not finish the handshake in time "
                           f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
+    net.add_argument("--shutdown-grace", type=_typed(float, "grace period"),
+                     default=DEFAULT_SHUTDOWN_GRACE, metavar="SECONDS",
+                     help="on SIGTERM/SIGINT, how long requests in flight may take before "
+                          f"connections are cut (default {DEFAULT_SHUTDOWN_GRACE:g})")
     net.add_argument("--max-in-flight", type=_typed(int, "request count"),
                      default=DEFAULT_MAX_IN_FLIGHT, metavar="N",
                      help="requests processed at once per connection "
@@ -241,6 +246,7 @@ def config_from_args(ns: argparse.Namespace) -> tuple[ServerConfig, list[str]]:
         max_connections=max_connections,
         persistent=persistent,
         handshake_timeout=ns.handshake_timeout,
+        shutdown_grace=ns.shutdown_grace,
         max_in_flight=ns.max_in_flight,
         max_in_flight_bytes=parse_size(ns.max_in_flight_bytes, what="--max-in-flight-bytes"),
         pid_file=ns.pid_file,

@@ -13,6 +13,8 @@ DEFAULT_PORT = 10809
 #: qemu-nbd's bound on requests in flight per connection (nbd/server.c).
 DEFAULT_MAX_IN_FLIGHT = 16
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: How long SIGTERM waits for requests in flight before cutting connections.
+DEFAULT_SHUTDOWN_GRACE = 10.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class ServerConfig:
     #: Keep serving after the last client leaves (qemu-nbd -t).
     persistent: bool = True
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_in_flight_bytes: int = 64 << 20
     pid_file: str | None = None

@@ -15,6 +15,7 @@ import trio
 
 from protocol import TLSMode
 
+from .config import DEFAULT_SHUTDOWN_GRACE
 from .connection import DEFAULT_MAX_IN_FLIGHT_BYTES, Connection, PayloadBudget, TLSAuthz
 from .exports import Catalogue
 from .listeners import Listener
@@ -23,7 +24,7 @@ from .transport import SocketTransport, Transport
 
 #: After a shutdown request, in-flight requests get this long to finish before their
 #: connections are dropped.
-SHUTDOWN_GRACE = 10.0
+SHUTDOWN_GRACE = DEFAULT_SHUTDOWN_GRACE
 #: accept() errors that mean "out of resources, try again soon" (trio's serve_listeners).
 _TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 

@@ -83,8 +83,28 @@ def write_pid_file(path: str) -> None:
         raise ConfigError(f"cannot write pid file {path!r}: {e.strerror}") from None
 
 
+#: A stop signal that arrived before the server listened for signals (see catch_early_signals).
+_early_signal: int | None = None
+
+
+def catch_early_signals() -> None:
+    """Until the server listens for SIGTERM/SIGINT itself, remember them instead of dying with
+    status 143: the server then stops as soon as it is up, cleanly, with status 0."""
+
+    def remember(signum: int, frame: object) -> None:
+        global _early_signal
+        _early_signal = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, remember)
+
+
 async def _watch_signals(server: Server, captive: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        if _early_signal is not None:
+            get_logger().info("signal received", signal=signal.Signals(_early_signal).name)
+            captive.cancel()
+            server.shutdown()
         async for signum in signals:
             get_logger().info("signal received", signal=signal.Signals(signum).name)
             captive.cancel()

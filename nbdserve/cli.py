@@ -276,4 +276,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     from . import app  # the server's imports are not needed to report a bad argument
 
+    app.catch_early_signals()
     return app.main(config, warnings=warnings)

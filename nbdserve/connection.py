@@ -294,7 +294,7 @@ class Connection:
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         tx, transport, slots = self._tx, self.transport, self._slots
-        serve_now, serve_plain = self._serve_now, self._serve_plain
+        serve_plain = self._serve_plain
         out: list[Buffer] = []
         pending = gathered = gather_skip = 0
         while True:
@@ -312,7 +312,11 @@ class Connection:
                     if sent < 0:
                         event = tx.as_request(event)
                 elif type(event) is Request:
-                    sent = serve_now(event, out)
+                    if event.error is not None:
+                        sent = self._refuse(event, out)
+                    else:  # FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE: always a task
+                        self.stats.counts[event.cmd] += 1
+                        sent = -1
                 else:
                     sent = -2
                 if sent >= 0:
@@ -375,8 +379,9 @@ class Connection:
                 tx.receive_data(await transport.receive(RECV_SIZE))
 
     def _serve_plain(self, plain: PlainRequest, out: list[Buffer]) -> int:
-        """:meth:`_serve_now` for a valid READ or WRITE given as plain fields (the hot path:
-        no request object unless it needs a task or fails)."""
+        """Answer a valid READ or WRITE (plain fields from ``next_plain``: no request object
+        on the hot path) at once if the block layer can without waiting, appending the reply
+        to ``out``. Returns the bytes appended, or -1 if it needs a task."""
         cmd, flags, _, offset, length, data = plain
         stats = self.stats
         stats.counts[cmd] += 1
@@ -407,51 +412,18 @@ class Connection:
             return len(reply)
         return -1
 
-    def _serve_now(self, request: Request, out: list[Buffer]) -> int:
-        """Answer ``request`` at once if the block layer can without waiting, appending the
-        reply to ``out``. Returns the bytes appended, or -1 if it needs a task."""
-        # Plain ints from here on: IntFlag/IntEnum operators run Python code, and this is
-        # the per-request path.
+    def _refuse(self, request: Request, out: list[Buffer]) -> int:
+        """Answer a request that failed the protocol's validation; returns the bytes appended."""
         stats = self.stats
-        if request.error is not None:
-            stats.count_other(request.cmd)
-            stats.errors += 1
-            reply = self._tx.reply(request)
-            out.append(reply)
-            if self._debug:
-                self._log.debug("request refused", cmd=str(request.cmd), offset=request.offset,
-                                length=request.length, error=request.error.name,
-                                message=request.message)
-            return len(reply)
-        cmd = int(request.cmd)
-        stats.counts[cmd] += 1
-        flags = int(request.flags)
-        ctx = self._ctx
-        try:
-            if cmd == _READ:
-                if not flags & _FUA:
-                    length = request.length
-                    data = ctx.child.read_nowait(request.offset, length)
-                    if data is not None:
-                        stats.bytes_read += length
-                        if (length >= SPARSE_READ_MIN and ctx.structured and not flags & _DF
-                                and is_zero(data)):
-                            hole = self._tx.reply_read_chunks(request, [(request.offset, length)])
-                            out.extend(hole)
-                            return sum(len(b) for b in hole)
-                        out.extend(self._tx.reply_read(request, data))
-                        return length
-            elif (cmd == _WRITE and not flags & _FUA and not ctx.writethrough
-                  and ctx.child.write_nowait(request.offset, request.data)):  # type: ignore[arg-type]
-                stats.bytes_written += request.length
-                reply = self._tx.reply(request)
-                out.append(reply)
-                return len(reply)
-        except OSError as e:
-            reply = self._error_reply(request, e)
-            out.append(reply)
-            return len(reply)
-        return -1
+        stats.count_other(request.cmd)
+        stats.errors += 1
+        reply = self._tx.reply(request)
+        out.append(reply)
+        if self._debug:
+            self._log.debug("request refused", cmd=str(request.cmd), offset=request.offset,
+                            length=request.length, error=request.error.name,  # type: ignore[union-attr]
+                            message=request.message)
+        return len(reply)
 
     async def _serve_later(self, request: Request, cost: int) -> None:
         """A request that may wait: run it through the command table, send its reply."""

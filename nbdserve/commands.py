@@ -21,15 +21,6 @@ from .types import Buffer
 #: once from the page cache checks its data for zeros (a memcmp, far cheaper than a
 #: block-status call); a read that has to wait asks block status first.
 SPARSE_READ_MIN = 64 * 1024
-_ZEROS = bytes(1 << 20)
-
-
-def is_zero(data: Buffer) -> bool:
-    """True if ``data`` is all zero bytes. Stops at the first non-zero byte, so data costs
-    almost nothing; ``bytes.startswith`` compares with memcmp, memoryviews included."""
-    view = memoryview(data)
-    step = len(_ZEROS)
-    return all(_ZEROS.startswith(view[i:i + step]) for i in range(0, view.nbytes, step))
 
 Handler = Callable[["CommandContext", Request], Awaitable[Sequence[Buffer]]]
 

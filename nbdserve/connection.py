@@ -47,7 +47,8 @@ from protocol import (
 )
 
 from .block.buffers import BufferPool
-from .commands import HANDLERS, SPARSE_READ_MIN, CommandContext, is_zero
+from .block.zeros import is_zero
+from .commands import HANDLERS, SPARSE_READ_MIN, CommandContext
 from .errors import nbd_errno
 from .exports import MAX_PAYLOAD, Catalogue, Export
 from .log import get_logger

@@ -18,6 +18,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from .types import Buffer, Extent, Limits, Perm, ReqFlags, Role
+from .zeros import is_zero
 
 if TYPE_CHECKING:
     from .node import Caps, Node
@@ -53,12 +54,6 @@ def _pad(buf: Buffer, length: int) -> Buffer:
     out = bytearray(length)
     out[: len(buf)] = buf
     return out
-
-
-def _is_zero(data: Buffer) -> bool:
-    if isinstance(data, memoryview):
-        data = data.tobytes()
-    return data.count(0) == len(data)
 
 
 class Child:
@@ -280,7 +275,7 @@ class Child:
             _check_range(node, offset, length)
             if length == 0:
                 return
-            if node.detect_zeroes != "off" and _is_zero(data):
+            if node.detect_zeroes != "off" and is_zero(data):
                 if node.detect_zeroes == "unmap":
                     flags |= ReqFlags.MAY_UNMAP
                 await self._zero(offset, length, flags & ~ReqFlags.WRITE_UNCHANGED)

@@ -11,7 +11,8 @@ import pytest
 import trio
 
 from nbdserve.block import ReqFlags
-from nbdserve.commands import HANDLERS, is_zero
+from nbdserve.block.zeros import is_zero
+from nbdserve.commands import HANDLERS
 from nbdserve.config import ExportSpec
 from protocol import (
     Cmd,

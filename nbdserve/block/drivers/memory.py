@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from ..driver import ChildSpec, Driver, Opt
 from ..errors import GraphError
 from ..types import Buffer, Extent, ReqFlags, Role, Status
-from ._zeros import zeros
+from ..zeros import zeros
 
 __all__ = ["PAGE_SIZE", "MemoryDriver"]
 

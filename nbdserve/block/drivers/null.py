@@ -17,7 +17,7 @@ import trio
 
 from ..driver import Driver, Opt
 from ..types import Buffer, Extent, ReqFlags, Status
-from ._zeros import zeros
+from ..zeros import zeros
 
 __all__ = ["NullDriver"]
 

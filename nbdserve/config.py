@@ -73,19 +73,15 @@ class ServerConfig:
     tls_authz: list[str] = field(default_factory=list)
 
 
-_TRUE = {"on", "true", "yes", "1"}
-_FALSE = {"off", "false", "no", "0"}
-
-
 def parse_bool(value: Any, *, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigError(f"invalid value {value!r} for {key}: expected on or off")
+    """The block layer's on/off parser, with errors that name the option."""
+    from .block.options import parse_bool as block_parse_bool
+
+    try:
+        # JSON may give 1/0 where the dotted form gives "1"/"0".
+        return block_parse_bool(value if isinstance(value, bool) else str(value))
+    except ValueError:
+        raise ConfigError(f"invalid value {value!r} for {key}: expected on or off") from None
 
 
 def parse_dotted(text: str) -> dict[str, Any]:

@@ -134,10 +134,15 @@ def parse_size(value: Any) -> int:
         m = _SIZE_RE.match(value)
         if m:
             number, suffix = m.groups()
-            scaled = float(number) * _SUFFIXES[suffix.upper()]
-            if scaled != int(scaled):
+            scale = _SUFFIXES[suffix.upper()]
+            whole, _, frac = number.partition(".")
+            # Exact arithmetic: a float would round sizes past 2^53.
+            size = int(whole) * scale + (int(frac) * scale // 10 ** len(frac) if frac else 0)
+            if frac and int(frac) * scale % 10 ** len(frac):
                 raise ValueError("not a whole number of bytes")
-            return int(scaled) if "." in number else int(number) * _SUFFIXES[suffix.upper()]
+            if size >= 1 << 63:
+                raise ValueError("too large")
+            return size
     raise ValueError("expected a size such as 4096, 64K or 1G")
 
 

@@ -386,7 +386,8 @@ def test_parse_size() -> None:
     assert parse_size("2MiB") == 2 << 20
     assert parse_size("1.5G") == 3 << 29
     assert parse_size("1t") == 1 << 40
-    for bad in ["", "1X", "-1", "0.3", True, None, 1.5]:
+    assert parse_size("9007199254740993") == 2**53 + 1  # exact: no float on the way
+    for bad in ["", "1X", "-1", "0.3", "9E", True, None, 1.5]:
         with pytest.raises(ValueError):
             parse_size(bad)
 

@@ -49,11 +49,12 @@ from protocol import (
 from .block.buffers import BufferPool
 from .block.zeros import is_zero
 from .commands import HANDLERS, SPARSE_READ_MIN, CommandContext
+from .datapath import ThreadedLoop
 from .errors import nbd_errno
 from .exports import MAX_PAYLOAD, Catalogue, Export
 from .log import get_logger
 from .stats import ConnectionStats
-from .transport import StreamTransport, Transport
+from .transport import SocketTransport, StreamTransport, Transport
 from .types import Buffer
 
 #: One receive call asks for this much: many small requests, or a whole 1 MiB write.
@@ -140,6 +141,8 @@ class Connection:
         # Payload bytes of this connection's request tasks, against the server's budget.
         self.budget = budget if budget is not None else PayloadBudget()
         self.in_flight_bytes = 0
+        # Set while a ThreadedLoop serves this connection: request tasks post replies to it.
+        self._threaded: ThreadedLoop | None = None
         self._tx: ServerTransmission
         self._ctx: CommandContext
 
@@ -281,17 +284,29 @@ class Connection:
                                       payload_allocator=_PAYLOADS.take)
         self._ctx = CommandContext(export, self._tx)
         self._in_transmission = True
-        try:
-            async with trio.open_nursery() as nursery:
-                await self._read_loop(nursery)
-            # Every in-flight request has been answered (the nursery waited for them).
-        except RemoteProtocolError as e:
+        failure: RemoteProtocolError | OSError | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                transport = self.transport
+                if isinstance(transport, SocketTransport):
+                    sock = transport.socket
+                    sock.setblocking(True)  # the thread blocks in recv and sendmsg
+                    self._threaded = ThreadedLoop(self, sock, nursery)
+                    await self._threaded.run()
+                else:
+                    await self._read_loop(nursery)
+            except (RemoteProtocolError, OSError) as e:
+                # Caught here, not outside: out of a nursery it would come as a group.
+                failure = e
+                nursery.cancel_scope.cancel()  # requests in flight have no one to answer
+        # Without a failure, every in-flight request has been answered (the nursery waited).
+        if isinstance(failure, RemoteProtocolError):
             self.end_reason = "protocol error"
-            self._log.warning("client broke the protocol", error=str(e))
-        except OSError as e:
+            self._log.warning("client broke the protocol", error=str(failure))
+        elif failure is not None:
             self.end_reason = "vanished"
             if self._debug:
-                self._log.debug("I/O error", error=str(e))
+                self._log.debug("I/O error", error=str(failure))
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         tx, transport, slots = self._tx, self.transport, self._slots
@@ -450,9 +465,13 @@ class Connection:
                                 exc_info=True)
                 self.stats.errors += 1
                 reply = [self._tx.reply(request, Errno.EIO, "internal server error")]
-            await self._send(reply)
+            if self._threaded is not None:
+                self._threaded.post(reply)
+            else:
+                await self._send(reply)
         finally:
-            self._slots.release()
+            if self._threaded is None:
+                self._slots.release()
             self.in_flight_bytes -= cost
             self.budget.give(cost)
 

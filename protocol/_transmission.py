@@ -86,6 +86,7 @@ _CMD_BY_VALUE: dict[int, Cmd] = {int(c): c for c in Cmd}
 _FLAGS_BY_VALUE: dict[int, CmdFlag] = {v: CmdFlag(v) for v in range(int(max(CmdFlag)) * 2)}
 _DONE = int(ReplyFlag.DONE)
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_WRITE = int(Cmd.WRITE)  # READ is 0
 
 
 class _State(Enum):
@@ -148,6 +149,7 @@ class ServerTransmission:
             self._header = wire.REQUEST
             self._magic = REQUEST_MAGIC
         self._header_size = self._header.size
+        self._plain_rules = self._validator.plain_rules
         self._allocate = payload_allocator
         # A large WRITE whose header is parsed and whose payload is still arriving: the
         # header's fields, the payload buffer and how much of it is filled.
@@ -253,9 +255,8 @@ class ServerTransmission:
             self._state = _State.ERROR
             kind = "extended" if self._extended else "compact"
             raise RemoteProtocolError(f"bad {kind} request magic 0x{magic:08x}")
-        cmd = _CMD_BY_VALUE.get(cmd_value)
         # Payload framing comes first: even a request we reject must have its payload consumed.
-        if cmd is Cmd.WRITE or (flags & _PAYLOAD_LEN and self._extended):
+        if cmd_value == _WRITE or (flags & _PAYLOAD_LEN and self._extended):
             if length > self.max_payload:
                 self._state = _State.ERROR
                 raise RemoteProtocolError(
@@ -281,6 +282,21 @@ class ServerTransmission:
             if pos == len(raw) or pos >= _COMPACT_AT:
                 buf.skip(0)  # let the buffer drop what is consumed
             data = None
+        if plain and cmd_value <= _WRITE:
+            # Validator.check's verdict on a valid READ or WRITE, inline: this runs once per
+            # request. Anything it does not pass goes to the full check below.
+            read_flags, write_flags, size, mask, max_io = self._plain_rules
+            allowed = write_flags if cmd_value else read_flags
+            if (
+                allowed >= 0
+                and not flags & ~allowed
+                and offset <= size
+                and length <= size - offset
+                and length <= max_io
+                and mask >= 0
+                and not (offset | length) & mask
+            ):
+                return (cmd_value, flags, cookie, offset, length, data)
         return self._request(flags, cmd_value, cookie, offset, length, data, plain)
 
     def _request(

@@ -79,7 +79,7 @@ def _flag_error(cmd: Cmd, bad: int) -> str:
 class Validator:
     """Checks requests of known commands against one session."""
 
-    __slots__ = ("_alignment", "_allowed", "_max_io", "_size", "_static")
+    __slots__ = ("_alignment", "_allowed", "_max_io", "_size", "_static", "plain_rules")
 
     def __init__(self, session: Session, max_payload: int) -> None:
         self._allowed = _allowed_flags(session)
@@ -90,6 +90,17 @@ class Validator:
         # The advertised maximum binds the client whether or not it asked for it.
         advertised = session.export.block_size
         self._max_io = min(max_payload, advertised[2]) if advertised else max_payload
+        #: The checks of a READ or WRITE as plain integers, for a caller that inlines them:
+        #: (READ's allowed flags, WRITE's, size, alignment mask, max_io). An allowed-flags of
+        #: -1 means every request of that command fails a static check; an alignment that is
+        #: not a power of two disables the inline check (mask -1). :meth:`check` decides
+        #: whatever the inline check does not pass.
+        mask = self._alignment - 1 if self._alignment & (self._alignment - 1) == 0 else -1
+        self.plain_rules = (
+            -1 if self._static[Cmd.READ] else self._allowed[Cmd.READ],
+            -1 if self._static[Cmd.WRITE] else self._allowed[Cmd.WRITE],
+            self._size, mask, self._max_io,
+        )  # fmt: skip
 
     def check(self, cmd: Cmd, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
         """Return (error, why) for an invalid request, None for a valid one."""

@@ -80,6 +80,14 @@ class Driver:
         self.node = node
         self.opts = opts
 
+    def same_offsets(self) -> Child | None:
+        """A child edge holding this node's bytes at the same offsets, if the driver adds
+        nothing to reads and writes that complete at once (raw without an offset). The
+        generic layer then sends ``read_nowait``/``write_nowait`` straight to that edge's
+        request path: one Python call less per page-cache hit. Asked again whenever the
+        node's callbacks are rebound."""
+        return None
+
     @property
     def file(self) -> Child:
         return self.node.children["file"]

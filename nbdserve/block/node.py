@@ -214,6 +214,10 @@ class Node:
         self._drv_truncate = bind("truncate")
         if filtered is not None:
             self._bind_passthrough(filtered)
+        same = drv.same_offsets()
+        if same is not None:
+            self._drv_read_nowait = same.read_nowait
+            self._drv_write_nowait = same.write_nowait
         if self._drv_read is None:
             raise GraphError.at(self.name, None, f"driver '{self.driver_name}' cannot read")
 

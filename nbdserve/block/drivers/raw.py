@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from ..driver import ChildSpec, Driver, Opt
 from ..errors import GraphError
+from ..io import Child
 from ..types import Buffer, Extent, Perm, ReqFlags, Role, Status
 
 __all__ = ["RawDriver"]
@@ -65,6 +66,9 @@ class RawDriver(Driver):
         if self._fixed_size is not None:
             return self._fixed_size
         return max(0, self.file.size - self._offset)
+
+    def same_offsets(self) -> Child | None:
+        return self.file if self._offset == 0 else None
 
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
         return self.file.read_nowait(self._offset + offset, length)

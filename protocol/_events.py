@@ -253,7 +253,7 @@ class Request:
     flags: CmdFlag = _NO_CMD_FLAGS
     offset: int = 0
     length: int = 0
-    data: bytes | memoryview | None = None
+    data: bytes | bytearray | memoryview | None = None
     error: Errno | None = None
     message: str = ""
 
@@ -271,7 +271,7 @@ def new_request(
     flags: CmdFlag,
     offset: int,
     length: int,
-    data: bytes | memoryview | None,
+    data: bytes | bytearray | memoryview | None,
     error: Errno | None = None,
     message: str = "",
 ) -> Request:

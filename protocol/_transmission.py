@@ -66,7 +66,7 @@ DIRECT_PAYLOAD_MIN = 64 * 1024
 PayloadAllocator = Callable[[int], memoryview]
 #: A valid READ or WRITE from :meth:`ServerTransmission.next_plain`: (command, flags, cookie,
 #: offset, length, WRITE payload or None), the command and flags as plain ints.
-PlainRequest = tuple[int, int, int, int, int, "bytes | memoryview | None"]
+PlainRequest = tuple[int, int, int, int, int, "bytes | bytearray | memoryview | None"]
 #: Error chunk messages are cut to this many UTF-8 bytes: qemu's client refuses non-data chunk
 #: payloads over 1000 bytes.
 MAX_ERROR_MESSAGE = 896
@@ -270,12 +270,16 @@ class ServerTransmission:
                     self._head = (flags, cmd_value, cookie, offset, length)
                     self._payload, self._filled = payload, filled
                     return self._next(plain)  # NEED_DATA, or the error at EOF
-                data: bytes | memoryview | None = payload
+                data: bytes | bytearray | memoryview | None = payload
             elif available < header_size + length:
                 return self._short(available)
-            else:
-                buf.skip(header_size)
-                data = buf.take(length)
+            else:  # a small payload: copied out of the buffer (inline, as below)
+                start = pos + header_size
+                pos = start + length
+                data = raw[start:pos]
+                buf._pos = pos
+                if pos == len(raw) or pos >= _COMPACT_AT:
+                    buf.skip(0)
         else:
             pos += header_size
             buf._pos = pos
@@ -306,7 +310,7 @@ class ServerTransmission:
         cookie: int,
         offset: int,
         length: int,
-        data: bytes | memoryview | None,
+        data: bytes | bytearray | memoryview | None,
         plain: bool,
     ) -> PlainRequest | Request | Disconnect:
         cmd = _CMD_BY_VALUE.get(cmd_value)

@@ -149,7 +149,14 @@ class Driver:
     # truncate(length) -> None                              (async)
     #
     # They are looked up with getattr on the instance, so a driver that lacks one simply
-    # doesn't define it. Their signatures, for drivers to copy:
+    # doesn't define it.
+    #
+    # The two ``_nowait`` callbacks may be called from a server's connection thread instead of
+    # the trio thread (nbdserve/datapath.py), always with the graph lock held, so that they
+    # never run alongside a trio task. They must not call trio, and must not block for long
+    # (the lock stalls every other connection meanwhile).
+    #
+    # Their signatures, for drivers to copy:
 
     if TYPE_CHECKING:
 

@@ -304,7 +304,8 @@ class Connection:
             self.end_reason = "protocol error"
             self._log.warning("client broke the protocol", error=str(failure))
         elif failure is not None:
-            self.end_reason = "vanished"
+            if self.end_reason in ("eof", "disconnect"):  # as _send: "shutdown" stays
+                self.end_reason = "vanished"
             if self._debug:
                 self._log.debug("I/O error", error=str(failure))
 

@@ -5,15 +5,68 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+import structlog
 import trio
 
+from nbdserve import connection as connection_module
+from nbdserve.commands import HANDLERS, CommandContext
 from nbdserve.config import ExportSpec
 from nbdserve.datapath import SEND_BATCH_BYTES, graph_lock
-from protocol import Cmd, CmdFlag
+from nbdserve.types import Buffer
+from protocol import Cmd, CmdFlag, Request
 
 from .harness import MiB, start_server
+from .nbdclient import NBDClient
+
+GARBAGE = b"\xde\xad\xbe\xef" * 7  # not a request magic: a protocol error
+
+#: A memory disk whose writes take 100 ms, exported writable.
+SLOW_WRITES = dict(
+    blockdevs=[{"driver": "memory", "node-name": "m0", "size": 4 * MiB},
+               {"driver": "blkdebug", "node-name": "dbg", "image": "m0",
+                "inject-delay": [{"iotype": "write", "ms": 100}]}],
+    exports=[ExportSpec(name="", node_name="dbg", writable=True)],
+)
+
+
+@pytest.fixture(params=["thread", "trio"])
+def loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on both transmission loops: the socket thread and the trio loop (which
+    TLS and pipes use), by hiding the socket transport from the connection."""
+    if request.param == "trio":
+        monkeypatch.setattr(connection_module, "SocketTransport", type("NoSocket", (), {}))
+    return str(request.param)
+
+
+@pytest.fixture
+def end_reasons(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    reasons: list[str] = []
+    summary = connection_module.Connection._log_summary
+
+    def record(self: connection_module.Connection) -> None:
+        reasons.append(self.end_reason)
+        summary(self)
+
+    monkeypatch.setattr(connection_module.Connection, "_log_summary", record)
+    return reasons
+
+
+async def replies_until_closed(client: NBDClient) -> list[int]:
+    """Cookies of every reply the client gets before the server closes the connection."""
+    got: list[int] = []
+    with trio.fail_after(5):
+        try:
+            while True:
+                await client._pump()
+                got.extend(client.replies)
+                client.replies.clear()
+        except (ConnectionError, trio.BrokenResourceError):
+            pass
+    return got
 
 
 async def test_graph_lock_is_free_only_while_trio_waits() -> None:
@@ -123,3 +176,60 @@ async def test_shutdown_ends_a_thread_blocked_sending(nursery: trio.Nursery,
     with trio.fail_after(10):
         await srv.server.closed.wait()
     await client.close()
+
+
+async def test_reply_ready_when_a_protocol_error_arrives_is_sent(
+        nursery: trio.Nursery, tmp_path: Path, loop: str, end_reasons: list[str]) -> None:
+    # A (slow) holds the whole payload budget, B waits for it, then garbage: A was done and
+    # its reply must reach the client before the connection is dropped.
+    srv = await start_server(nursery, tmp_path, max_in_flight_bytes=65536, **SLOW_WRITES)
+    client = await srv.connect()
+    a = await client.send(Cmd.WRITE, 0, flags=CmdFlag.FUA, data=b"a" * 65536)
+    await client.send(Cmd.WRITE, 65536, flags=CmdFlag.FUA, data=b"b" * 65536)
+    await client.stream.send_all(GARBAGE)
+    assert a in await replies_until_closed(client)
+    with trio.fail_after(5):
+        while not end_reasons:
+            await trio.sleep(0.01)
+    assert end_reasons == ["protocol error"]
+
+
+async def test_request_finishing_after_the_connection_failed(
+        nursery: trio.Nursery, tmp_path: Path, loop: str, end_reasons: list[str]) -> None:
+    # max_in_flight=1: A is slow, CACHE waits for the slot, garbage ends the connection. The
+    # CACHE task may then run to its end with nobody left to send its reply; that must not
+    # turn into an error (it once wrote to a closed eventfd).
+    for i in range(8):
+        directory = tmp_path / str(i)
+        directory.mkdir()
+        async with trio.open_nursery() as inner:
+            srv = await start_server(inner, directory, max_in_flight=1, **SLOW_WRITES)
+            client = await srv.connect()
+            await client.send(Cmd.WRITE, 0, flags=CmdFlag.FUA, data=b"a" * 4096)
+            await client.send(Cmd.CACHE, 0, 4096)
+            await client.stream.send_all(GARBAGE)
+            await replies_until_closed(client)
+            with trio.fail_after(5):
+                while len(end_reasons) <= i:
+                    await trio.sleep(0.01)
+            srv.server.shutdown()
+    assert end_reasons == ["protocol error"] * 8
+
+
+async def test_request_tasks_log_with_the_connection_fields(
+        nursery: trio.Nursery, tmp_path: Path, loop: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, object]] = []
+
+    async def flush(ctx: CommandContext, request: Request) -> Sequence[Buffer]:
+        seen.append(structlog.contextvars.get_contextvars())
+        return [ctx.tx.reply(request)]
+
+    monkeypatch.setitem(HANDLERS, Cmd.FLUSH, flush)  # FLUSH always runs as a trio task
+    srv = await start_server(nursery, tmp_path)
+    client = await srv.connect()
+    reply = await client.request(Cmd.FLUSH)
+    assert reply.error == 0
+    (conn,) = srv.server.connections
+    assert seen and seen[0].get("conn") == conn.id
+    assert str(seen[0].get("peer", "")).startswith("unix:")

@@ -346,7 +346,9 @@ async def test_vanishing_client_does_not_affect_others(nursery: trio.Nursery,
     bad = await srv.connect()
     for i in range(16):
         await bad.send(Cmd.READ, i * 65536, 65536)
-    await bad.send(Cmd.WRITE, 0, data=b"x" * 100000)  # and a half-sent one
+    # A whole write (away from the good client's bytes: two connections' writes are not
+    # ordered), then a half-sent one.
+    await bad.send(Cmd.WRITE, 2 * MiB, data=b"x" * 100000)
     await bad.stream.send_all(b"\x25\x60\x95\x13\x00\x00\x00\x01")
     await bad.close()
     await good.write(4096, b"still here")

@@ -384,3 +384,33 @@ def test_qemu_img_check_flags_a_damaged_qcow2(tmp_path: Path) -> None:
         f.truncate(qcow2.stat().st_size // 2)
     problem = check_qcow2(qcow2)
     assert problem is not None and "exited 2" in problem and "errors were found" in problem
+
+
+def test_floor_server_reads_and_writes(tmp_path: Path) -> None:
+    # bench/floor.py is the yardstick in bench/README.md: it must at least move the right
+    # bytes, or its figures mean nothing. qemu-io writes a pattern and reads it back.
+    import subprocess
+
+    image = tmp_path / "floor.img"
+    image.write_bytes(bytes(1 << 20))
+    sock = tmp_path / "floor.sock"
+    floor = Path(__file__).resolve().parent.parent / "bench" / "floor.py"
+    server = subprocess.Popen([sys.executable, str(floor), str(image), str(sock), "--spin", "5"])
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline, "floor.py did not start"
+            time.sleep(0.02)
+        uri = f"nbd+unix:///?socket={sock}"
+        out = subprocess.run(
+            ["qemu-io", "-f", "raw", uri, "-c", "write -P 0xab 4096 65536",
+             "-c", "read -P 0xab 4096 65536", "-c", "read -P 0 0 4096"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+        assert "verification failed" not in out
+        assert out.count("read 65536/65536 bytes") == 1
+    finally:
+        server.kill()
+        server.wait()
+    data = image.read_bytes()
+    assert data[4096 : 4096 + 65536] == b"\xab" * 65536 and data[:4096] == bytes(4096)

@@ -93,6 +93,11 @@ class PayloadBudget:
         self.used = 0
         self._freed = trio.Event()
 
+    @staticmethod
+    def cost(request: Request) -> int:
+        """What a request task holds of the budget: its READ or WRITE payload."""
+        return request.length if request.cmd is Cmd.READ or request.cmd is Cmd.WRITE else 0
+
     def must_wait(self, own: int, cost: int) -> bool:
         return own > 0 and self.used + cost > self.limit
 
@@ -345,7 +350,7 @@ class Connection:
                 if type(event) is Request:
                     # Back-pressure: with every slot (or the payload budget) in use, answer
                     # what is ready, then wait before taking more requests off the wire.
-                    cost = event.length if event.cmd is Cmd.READ or event.cmd is Cmd.WRITE else 0
+                    cost = self.budget.cost(event)
                     budget = self.budget
                     if slots.value == 0 or budget.must_wait(self.in_flight_bytes, cost):
                         if out:

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from protocol import NEED_DATA, Cmd, Disconnect, RemoteProtocolError, Request
+from protocol import NEED_DATA, Disconnect, RemoteProtocolError, Request
 
+from .transport import IOV_MAX, unsent
 from .types import Buffer
 
 if TYPE_CHECKING:
@@ -42,8 +43,6 @@ SEND_BATCH_BYTES = 4 << 20
 #: a few tens of microseconds; catching it awake saves a thread wake-up: fio's 4K reads at QD1
 #: went from 9.5k to 17k IOPS (20 tries: 14k). Costs at most ~125 µs of CPU per idle period.
 SPIN_RECEIVES = 50
-#: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
-_IOV_MAX = 1024
 #: One receive asks for this much: a batch of 16 4K writes fits. More would pull large
 #: WRITE payloads through the protocol's buffer (two copies) instead of straight into their
 #: own (``payload_buffer``): nbdcopy's 256K writes copied in 0.81-0.99 s with 1 MiB, 0.70-0.84
@@ -307,11 +306,11 @@ class ThreadedLoop:
         conn = self.conn
         if self._pending >= conn.max_in_flight:
             return False
-        return not conn.budget.must_wait(conn.in_flight_bytes, _cost(request))
+        return not conn.budget.must_wait(conn.in_flight_bytes, conn.budget.cost(request))
 
     def _dispatch(self, request: Request) -> None:
         conn = self.conn
-        cost = _cost(request)
+        cost = conn.budget.cost(request)
         conn.in_flight_bytes += cost
         conn.budget.take(cost)
         self._pending += 1
@@ -323,18 +322,4 @@ class ThreadedLoop:
         sock = self.sock
         pending = buffers
         while pending:
-            sent = sock.sendmsg(pending[:_IOV_MAX])
-            i, n = 0, len(pending)
-            while i < n:
-                size = len(pending[i])
-                if sent < size:
-                    break
-                sent -= size
-                i += 1
-            pending = pending[i:]
-            if sent:
-                pending[0] = memoryview(pending[0])[sent:]
-
-
-def _cost(request: Request) -> int:
-    return request.length if request.cmd is Cmd.READ or request.cmd is Cmd.WRITE else 0
+            pending = unsent(pending, sock.sendmsg(pending[:IOV_MAX]))

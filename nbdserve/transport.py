@@ -19,7 +19,7 @@ import trio
 from .types import Buffer
 
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
-_IOV_MAX = 1024
+IOV_MAX = 1024
 #: A bigger socket send buffer lets one sendmsg carry a whole 1 MiB read reply.
 _SOCKET_BUFFER = 4 << 20
 #: Consecutive non-blocking receives before yielding to the scheduler anyway, so a client
@@ -136,22 +136,11 @@ class SocketTransport(Transport):
         pending: list[Buffer] = list(buffers)
         while pending:
             try:
-                sent = sock.sendmsg(pending[:_IOV_MAX])
+                sent = sock.sendmsg(pending[:IOV_MAX])
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
                 continue
-            # Drop what went out; a partly sent buffer continues as a memoryview slice.
-            i = 0
-            n = len(pending)
-            while i < n:
-                size = len(pending[i])
-                if sent < size:
-                    break
-                sent -= size
-                i += 1
-            del pending[:i]
-            if sent:
-                pending[0] = memoryview(pending[0])[sent:]
+            pending = unsent(pending, sent)
 
     def into_stream(self) -> trio.abc.Stream:
         return trio.SocketStream(trio.socket.from_stdlib_socket(self._sock))
@@ -165,6 +154,22 @@ class SocketTransport(Transport):
         trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
         await trio.lowlevel.checkpoint()
+
+
+def unsent(buffers: list[Buffer], sent: int) -> list[Buffer]:
+    """What is left of ``buffers`` after a ``sendmsg`` that sent ``sent`` bytes of them; a
+    partly sent buffer continues as a memoryview slice."""
+    i, n = 0, len(buffers)
+    while i < n:
+        size = len(buffers[i])
+        if sent < size:
+            break
+        sent -= size
+        i += 1
+    rest = buffers[i:]
+    if sent:
+        rest[0] = memoryview(rest[0])[sent:]
+    return rest
 
 
 class StreamTransport(Transport):

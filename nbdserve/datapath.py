@@ -3,9 +3,9 @@
 Why a thread: a trio loop pays for every batch of requests with a scheduler pass, an epoll
 re-arm and a wait; a thread that blocks in ``recv`` pays only the system call. On this 2-core
 machine a minimal NBD loop served 4K reads at QD16 at 106k IOPS in trio and 150k on a thread
-(bench/README.md, "Speed work"). The handshake, TLS, and every request that must wait (a
-page-cache miss, FLUSH, TRIM, BLOCK_STATUS, ...) stay in trio; the thread serves what the
-block layer completes at once and hands the rest over.
+(``bench/floor.py``; bench/README.md, "Speed work, second sitting"). The handshake, TLS, and
+every request that must wait (a page-cache miss, FLUSH, TRIM, BLOCK_STATUS, ...) stay in
+trio; the thread serves what the block layer completes at once and hands the rest over.
 
 Why it is safe: the block graph, the protocol objects and the connection's counters are only
 ever touched by one thread at a time, under the :class:`GraphLock`. The trio thread holds it
@@ -200,7 +200,6 @@ class ThreadedLoop:
         held: Request | None = None  # a request waiting for a slot or payload budget
         fatal: RemoteProtocolError | None = None
         reading = True
-        need_data = False  # the protocol has no complete request left: time to receive
         done = self._done
         while True:
             # Replies from trio first: a request they free room for may start below, and
@@ -211,7 +210,7 @@ class ThreadedLoop:
             if held is not None and self._may_start(held):
                 dispatch(held)
                 held = None
-            need_data = False
+            need_data = False  # set once the protocol has no complete request left
             while reading and held is None and pending_bytes < SEND_BATCH_BYTES:
                 try:
                     event = tx.next_plain()

@@ -49,7 +49,7 @@ from protocol import (
 from .block.buffers import BufferPool
 from .block.zeros import is_zero
 from .commands import HANDLERS, SPARSE_READ_MIN, CommandContext
-from .datapath import ThreadedLoop
+from .datapath import PASS_MAX_REQUESTS, ThreadedLoop
 from .errors import nbd_errno
 from .exports import MAX_PAYLOAD, Catalogue, Export
 from .log import get_logger
@@ -318,7 +318,7 @@ class Connection:
         tx, transport, slots = self._tx, self.transport, self._slots
         serve_plain = self._serve_plain
         out: list[Buffer] = []
-        pending = gathered = gather_skip = 0
+        pending = gathered = gather_skip = served = 0
         while True:
             while True:
                 try:
@@ -343,9 +343,13 @@ class Connection:
                     sent = -2
                 if sent >= 0:
                     pending += sent
-                    if pending >= SEND_BATCH_BYTES:
+                    served += 1
+                    if pending >= SEND_BATCH_BYTES or served >= PASS_MAX_REQUESTS:
+                        # Bounded passes: tiny pipelined requests must not keep the loop
+                        # (and every other connection) waiting.
                         await self._send(out)
-                        out, pending = [], 0
+                        out, pending, served = [], 0, 0
+                        await trio.lowlevel.checkpoint()
                     continue
                 if type(event) is Request:
                     # Back-pressure: with every slot (or the payload budget) in use, answer
@@ -391,7 +395,7 @@ class Connection:
                     if not gathered:
                         gather_skip = GATHER_BACKOFF
                 await self._send(out)
-                out, pending, gathered = [], 0, 0
+                out, pending, gathered, served = [], 0, 0, 0
             view = tx.payload_buffer()
             if view is not None:
                 received = await transport.receive_into(view)

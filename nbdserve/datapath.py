@@ -38,10 +38,15 @@ if TYPE_CHECKING:
 
 #: Replies gathered by one pass are sent once they hold this many bytes.
 SEND_BATCH_BYTES = 4 << 20
-#: Before blocking in ``recv`` after sending replies, try this many non-blocking receives
-#: (about 2.5 µs each). A client waiting for its reply (QD1) sends the next request within
-#: a few tens of microseconds; catching it awake saves a thread wake-up: fio's 4K reads at QD1
-#: went from 9.5k to 17k IOPS (20 tries: 14k). Costs at most ~125 µs of CPU per idle period.
+#: At most this many requests per pass: the pass holds the graph lock, and a client
+#: pipelining tiny requests (1-byte READs, 4,700 per 128 KiB received) otherwise held it for
+#: up to 37 ms, stalling every other connection and trio.
+PASS_MAX_REQUESTS = 256
+#: Before blocking in ``recv`` with no request waiting in trio, a thread that is the server's
+#: only connection thread tries this many non-blocking receives (about 2.5 µs each). A
+#: client waiting for its reply (QD1) sends the next request within a few tens of
+#: microseconds; catching it awake saves a thread wake-up: fio's 4K reads at QD1 went from
+#: 9.5k to 17k IOPS (20 tries: 14k). Costs at most ~125 µs of CPU per idle period.
 SPIN_RECEIVES = 50
 #: One receive asks for this much: a batch of 16 4K writes fits. More would pull large
 #: WRITE payloads through the protocol's buffer (two copies) instead of straight into their
@@ -88,10 +93,11 @@ class GraphLock(trio.abc.Instrument):
         self.lock.release()
 
     def after_io_wait(self, timeout: float) -> None:
+        # Cleared first: a waiter seen below has not signalled yet, so no signal is lost.
+        self._taken.clear()
         if self._waiting:
             # Block (GIL released) until the woken thread has the lock; merely yielding is
             # not enough, since that thread also needs the GIL to run.
-            self._taken.clear()
             self._taken.wait(HANDOFF_MAX)
         self.lock.acquire()
 
@@ -211,7 +217,10 @@ class ThreadedLoop:
                 dispatch(held)
                 held = None
             need_data = False  # set once the protocol has no complete request left
-            while reading and held is None and pending_bytes < SEND_BATCH_BYTES:
+            taken = 0
+            while (reading and held is None and pending_bytes < SEND_BATCH_BYTES
+                   and taken < PASS_MAX_REQUESTS):
+                taken += 1
                 try:
                     event = tx.next_plain()
                 except RemoteProtocolError as e:
@@ -277,7 +286,9 @@ class ThreadedLoop:
                     self._clear_wake()
                     try:
                         received = sock.recv_into(target, 0, socket.MSG_DONTWAIT)
-                    except BlockingIOError:
+                    except BlockingIOError:  # woken by a reply only
+                        if payload is not None:
+                            payload.release()
                         continue
                 else:
                     for _ in range(SPIN_RECEIVES if len(_THREADS) == 1 else 0):

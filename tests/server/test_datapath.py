@@ -15,7 +15,7 @@ import trio
 from nbdserve import connection as connection_module
 from nbdserve.commands import HANDLERS, CommandContext
 from nbdserve.config import ExportSpec
-from nbdserve.datapath import SEND_BATCH_BYTES, graph_lock
+from nbdserve.datapath import PASS_MAX_REQUESTS, SEND_BATCH_BYTES, ThreadedLoop, graph_lock
 from nbdserve.types import Buffer
 from protocol import Cmd, CmdFlag, Request
 
@@ -233,3 +233,33 @@ async def test_request_tasks_log_with_the_connection_fields(
     (conn,) = srv.server.connections
     assert seen and seen[0].get("conn") == conn.id
     assert str(seen[0].get("peer", "")).startswith("unix:")
+
+
+async def test_a_pass_serves_a_bounded_number_of_requests(
+        nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pass holds the graph lock: a flood of tiny pipelined requests must be served in
+    # bounded passes, each ending with a send (and the lock let go), not in one long pass.
+    batches: list[int] = []
+    send = ThreadedLoop._send
+
+    def recording_send(self: ThreadedLoop, buffers: list[Buffer]) -> None:
+        batches.append(len(buffers))
+        send(self, buffers)
+
+    monkeypatch.setattr(ThreadedLoop, "_send", recording_send)
+    srv = await start_server(nursery, tmp_path)
+    client = await srv.connect(structured=False)  # each reply: header + data, 2 buffers
+    await client.write(0, b"z")
+    batches.clear()
+    count = 2000
+    requests = b"".join(
+        bytes(b) for i in range(count)
+        for b in client.tx.send(Request(i + 1000, Cmd.READ, CmdFlag(0), 0, 1)))
+    for i in range(count):
+        client._requests[i + 1000] = Request(i + 1000, Cmd.READ, CmdFlag(0), 0, 1)
+    with trio.fail_after(20):
+        await client.stream.send_all(requests)  # all in one go: most arrive in one receive
+        for i in range(count):
+            assert (await client.wait(i + 1000)).data() == b"z"
+    assert sum(batches) == 2 * count
+    assert max(batches) <= 2 * PASS_MAX_REQUESTS

@@ -275,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     from . import app  # the server's imports are not needed to report a bad argument
+    from .datapath import GIL_SWITCH_INTERVAL
 
     app.catch_early_signals()
+    # The process is ours: let connection threads take turns at the GIL sooner (see
+    # datapath.GIL_SWITCH_INTERVAL). A program embedding the server decides for itself.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     return app.main(config, warnings=warnings)

@@ -316,7 +316,7 @@ class Connection:
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         tx, transport, slots = self._tx, self.transport, self._slots
-        serve_plain = self._serve_plain
+        serve_now = self._serve_now
         out: list[Buffer] = []
         pending = gathered = gather_skip = served = 0
         while True:
@@ -329,28 +329,19 @@ class Connection:
                             await self._send(out)
                         raise
                     event = Closed()  # we cut the stream ourselves, mid-request
-                if type(event) is tuple:  # a valid READ or WRITE, as plain fields
-                    sent = serve_plain(event, out)
-                    if sent < 0:
-                        event = tx.as_request(event)
-                elif type(event) is Request:
-                    if event.error is not None:
-                        sent = self._refuse(event, out)
-                    else:  # FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE: always a task
-                        self.stats.counts[event.cmd] += 1
-                        sent = -1
-                else:
-                    sent = -2
-                if sent >= 0:
-                    pending += sent
-                    served += 1
-                    if pending >= SEND_BATCH_BYTES or served >= PASS_MAX_REQUESTS:
-                        # Bounded passes: tiny pipelined requests must not keep the loop
-                        # (and every other connection) waiting.
-                        await self._send(out)
-                        out, pending, served = [], 0, 0
-                        await trio.lowlevel.checkpoint()
-                    continue
+                if type(event) is tuple or type(event) is Request:
+                    answered = serve_now(event, out)
+                    if isinstance(answered, int):
+                        pending += answered
+                        served += 1
+                        if pending >= SEND_BATCH_BYTES or served >= PASS_MAX_REQUESTS:
+                            # Bounded passes: tiny pipelined requests must not keep the loop
+                            # (and every other connection) waiting.
+                            await self._send(out)
+                            out, pending, served = [], 0, 0
+                            await trio.lowlevel.checkpoint()
+                        continue
+                    event = answered  # needs a task (below)
                 if type(event) is Request:
                     # Back-pressure: with every slot (or the payload budget) in use, answer
                     # what is ready, then wait before taking more requests off the wire.
@@ -404,15 +395,22 @@ class Connection:
             else:
                 tx.receive_data(await transport.receive(RECV_SIZE))
 
-    def _serve_plain(self, plain: PlainRequest, out: list[Buffer]) -> int:
-        """Answer a valid READ or WRITE (plain fields from ``next_plain``: no request object
-        on the hot path) at once if the block layer can without waiting, appending the reply
-        to ``out``. Returns the bytes appended, or -1 if it needs a task."""
+    def _serve_now(self, event: PlainRequest | Request, out: list[Buffer]) -> int | Request:
+        """Answer at once what can be, for both transmission loops: a request that failed
+        validation, or a valid READ or WRITE (plain fields from ``next_plain``: no request
+        object on the hot path) that the block layer completes without waiting. The reply
+        goes to ``out``; returns its bytes, or the Request that needs a task."""
+        if isinstance(event, Request):
+            if event.error is not None:
+                return self._refuse(event, out)
+            self.stats.counts[event.cmd] += 1  # FLUSH, TRIM, BLOCK_STATUS, ...: always a task
+            return event
+        plain = event
         cmd, flags, _, offset, length, data = plain
         stats = self.stats
         stats.counts[cmd] += 1
         if flags & _FUA:
-            return -1
+            return self._tx.as_request(plain)
         ctx = self._ctx
         try:
             if cmd == _READ:
@@ -436,7 +434,7 @@ class Connection:
             reply = self._error_reply(self._tx.as_request(plain), e)
             out.append(reply)
             return len(reply)
-        return -1
+        return self._tx.as_request(plain)
 
     def _refuse(self, request: Request, out: list[Buffer]) -> int:
         """Answer a request that failed the protocol's validation; returns the bytes appended."""

@@ -201,7 +201,7 @@ class ThreadedLoop:
     def _loop(self) -> None:
         conn, lock, sock = self.conn, self.lock, self.sock
         tx = conn._tx
-        serve_plain, refuse, dispatch = conn._serve_plain, conn._refuse, self._dispatch
+        serve_now, dispatch = conn._serve_now, self._dispatch
         max_in_flight = conn.max_in_flight
         view = memoryview(bytearray(_RECV_SIZE))
         waiting = select.poll()  # for replies from trio and, while reading, for requests
@@ -235,22 +235,14 @@ class ThreadedLoop:
                         fatal = e
                         break
                     event = None  # we cut the stream ourselves, mid-request
-                if type(event) is tuple:  # a valid READ or WRITE, as plain fields
-                    sent = serve_plain(event, out)
-                    if sent >= 0:
-                        pending_bytes += sent
-                        continue
-                    event = tx.as_request(event)
-                elif type(event) is Request:
-                    if event.error is not None:
-                        pending_bytes += refuse(event, out)
-                        continue
-                    conn.stats.counts[event.cmd] += 1
-                if type(event) is Request:
-                    if self._may_start(event):
-                        dispatch(event)
+                if type(event) is tuple or type(event) is Request:
+                    answered = serve_now(event, out)
+                    if isinstance(answered, int):
+                        pending_bytes += answered
+                    elif self._may_start(answered):
+                        dispatch(answered)
                     else:
-                        held = event
+                        held = answered
                     continue
                 if event is NEED_DATA:
                     need_data = True

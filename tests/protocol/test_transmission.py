@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol import (
     NEED_DATA,
@@ -819,3 +821,44 @@ def test_next_plain_equals_next_event(mode: str) -> None:
             assert by_plain.reply_read_plain(g, data) == by_plain.reply_read(request, data)
         else:
             assert by_plain.reply_ok_plain(g) == by_plain.reply(request)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    cmd=st.sampled_from([Cmd.READ, Cmd.WRITE]),
+    flags=st.integers(0, 127),
+    offset=st.one_of(st.integers(0, 1 << 21), st.just((1 << 64) - 1)),
+    length=st.integers(0, 8192),
+    read_only=st.booleans(),
+    structured=st.booleans(),
+    block_size=st.sampled_from([None, (512, 4096, 4096), (3, 4096, 4096)]),
+    max_payload=st.sampled_from([4096, 1 << 20]),
+)
+def test_inline_read_write_checks_match_the_validator(
+    cmd: Cmd, flags: int, offset: int, length: int, read_only: bool, structured: bool,
+    block_size: tuple[int, int, int] | None, max_payload: int,
+) -> None:
+    # next_plain checks READ/WRITE inline (Validator.plain_rules); next_event always runs
+    # the full Validator.check. Both must reach the same verdict on every request.
+    caps = ALL_CAPS | TransmissionFlag.HAS_FLAGS
+    if read_only:
+        caps |= TransmissionFlag.READ_ONLY
+    if structured:
+        caps |= TransmissionFlag.SEND_DF
+    session = Session(ExportInfo("e", 1 << 20, caps), caps, structured=structured,
+                      block_size=block_size)
+    raw = wire.REQUEST.pack(0x25609513, flags, cmd, 7, offset, length)
+    if cmd is Cmd.WRITE:
+        raw += bytes(length)
+    verdicts: list[object] = []
+    for plain in (False, True):
+        server = ServerTransmission(session, max_payload=max_payload)
+        server.receive_data(raw)
+        try:
+            event: object = server.next_plain() if plain else server.next_event()
+        except RemoteProtocolError:
+            event = "disconnect"
+        if isinstance(event, tuple):
+            event = server.as_request(event)
+        verdicts.append(event)
+    assert verdicts[0] == verdicts[1]

@@ -213,6 +213,7 @@ class ThreadedLoop:
         held: Request | None = None  # a request waiting for a slot or payload budget
         fatal: RemoteProtocolError | None = None
         reading = True
+        after_payload = False  # the last receive went into a large WRITE's own buffer
         done = self._done
         while True:
             # Replies from trio first: a request they free room for may start below, and
@@ -277,7 +278,14 @@ class ThreadedLoop:
                     continue
                 received = -1
                 payload = tx.payload_buffer()  # a large WRITE payload: straight into it
-                target = payload if payload is not None else view
+                if payload is not None:
+                    target = payload
+                elif after_payload and (missing := tx.header_missing()):
+                    # Large WRITEs come in runs (a copy): take only the next header, so
+                    # that the next payload is not copied through the protocol's buffer.
+                    target = view[:missing]
+                else:
+                    target = view
                 if self._pending:
                     waiting.register(sock, select.POLLIN)
                     waiting.poll()
@@ -297,9 +305,13 @@ class ThreadedLoop:
                         except BlockingIOError:
                             pass
                     if received < 0:
-                        received = sock.recv_into(target)
+                        # A payload arrives whole before the lock is taken again: one
+                        # wake-up and one acquisition per request, not one per chunk.
+                        flags = socket.MSG_WAITALL if payload is not None else 0
+                        received = sock.recv_into(target, 0, flags)
             finally:
                 lock.acquire()
+            after_payload = payload is not None
             if payload is not None:
                 payload.release()  # the pool reuses a buffer only once no view of it is left
                 tx.payload_received(received)

@@ -193,6 +193,15 @@ class ServerTransmission:
             return None
         return payload[self._filled :]
 
+    def header_missing(self) -> int:
+        """How many more bytes complete the next request header (0 when none is missing).
+        A caller expecting another large WRITE receives just that much first: its payload
+        then lands in its own buffer (:meth:`payload_buffer`) instead of being copied out
+        of the receive buffer."""
+        if self._payload is not None:
+            return 0
+        return max(0, self._header_size - len(self._buffer))
+
     def payload_received(self, n: int) -> None:
         """``n`` bytes were written into the :meth:`payload_buffer`; 0 means EOF."""
         payload = self._payload

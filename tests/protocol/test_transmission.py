@@ -768,6 +768,34 @@ def test_eof_inside_a_payload_received_in_place() -> None:
         server.next_event()
 
 
+def test_receiving_by_header_missing_copies_no_payload() -> None:
+    # A server that asks for just header_missing() bytes when it expects a large WRITE never
+    # has a payload byte pass through the receive buffer.
+    raw, _ = _large_writes_stream()
+    server = ServerTransmission(_session())
+    assert server.header_missing() == 28
+    pos = fed = 0
+    got = []
+    while pos < len(raw):
+        view = server.payload_buffer()
+        if view is not None:
+            n = min(len(view), len(raw) - pos)
+            view[:n] = raw[pos : pos + n]
+            server.payload_received(n)
+        else:
+            n = server.header_missing()
+            assert n > 0
+            server.receive_data(raw[pos : pos + n])
+            fed += n
+        pos += n
+        while (ev := server.next_event()) is not NEED_DATA:
+            got.append(ev)
+    assert [r.cookie for r in got] == [1, 2, 3, 4]  # type: ignore[union-attr]
+    assert fed == 4 * 28  # the four headers, nothing else
+    server.receive_data(raw[:10])
+    assert server.header_missing() == 18
+
+
 def test_payload_received_without_a_payload_is_misuse() -> None:
     server = ServerTransmission(_session())
     assert server.payload_buffer() is None

@@ -263,3 +263,32 @@ async def test_a_pass_serves_a_bounded_number_of_requests(
             assert (await client.wait(i + 1000)).data() == b"z"
     assert sum(batches) == 2 * count
     assert max(batches) <= 2 * PASS_MAX_REQUESTS
+
+
+async def test_a_run_of_large_writes_is_received_into_its_own_buffers(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After one large WRITE the thread receives only the next header, so the following
+    # payloads land in their pooled buffers instead of being copied through the protocol's.
+    from protocol import ServerTransmission
+
+    fed: list[int] = []
+    feed = ServerTransmission.receive_data
+
+    def counting(self: ServerTransmission, data: Buffer) -> None:
+        fed.append(len(data))
+        feed(self, data)
+
+    monkeypatch.setattr(ServerTransmission, "receive_data", counting)
+    srv = await start_server(nursery, tmp_path)
+    client = await srv.connect()
+    fed.clear()  # the handshake's
+    blocks = [bytes([i]) * (256 << 10) for i in range(1, 9)]
+    with trio.fail_after(10):
+        cookies = [await client.send(Cmd.WRITE, i * MiB, data=b) for i, b in enumerate(blocks)]
+        for cookie in cookies:
+            assert (await client.wait(cookie)).error == 0
+        for i, b in enumerate(blocks):
+            assert await client.read(i * MiB, len(b)) == b
+    # The first receive may take up to 128 KiB of the first payload; then headers only.
+    assert sum(fed) < (128 << 10) + 16 * 28, fed

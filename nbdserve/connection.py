@@ -47,6 +47,7 @@ from protocol import (
 )
 
 from .block.buffers import BufferPool
+from .block.io import Unlocker
 from .block.zeros import is_zero
 from .commands import HANDLERS, SPARSE_READ_MIN, CommandContext
 from .datapath import PASS_MAX_REQUESTS, ThreadedLoop
@@ -59,6 +60,10 @@ from .types import Buffer
 
 #: One receive call asks for this much: many small requests, or a whole 1 MiB write.
 RECV_SIZE = 1 << 20
+#: A WRITE this large, on a connection thread, copies into the file without the graph lock
+#: (``Child.write_unlocked``), so that several connections' copies overlap. Smaller ones
+#: cost less than letting the lock go and taking it back.
+UNLOCKED_WRITE_MIN = 64 << 10
 #: Replies gathered by one pass are sent once they hold this many bytes, which bounds the
 #: memory a burst of page-cache reads can pin.
 SEND_BATCH_BYTES = 4 << 20
@@ -395,11 +400,14 @@ class Connection:
             else:
                 tx.receive_data(await transport.receive(RECV_SIZE))
 
-    def _serve_now(self, event: PlainRequest | Request, out: list[Buffer]) -> int | Request:
+    def _serve_now(
+        self, event: PlainRequest | Request, out: list[Buffer], unlock: Unlocker | None = None
+    ) -> int | Request:
         """Answer at once what can be, for both transmission loops: a request that failed
         validation, or a valid READ or WRITE (plain fields from ``next_plain``: no request
         object on the hot path) that the block layer completes without waiting. The reply
-        goes to ``out``; returns its bytes, or the Request that needs a task."""
+        goes to ``out``; returns its bytes, or the Request that needs a task. A connection
+        thread passes ``unlock``: large writes then copy without the graph lock."""
         if isinstance(event, Request):
             if event.error is not None:
                 return self._refuse(event, out)
@@ -425,7 +433,11 @@ class Connection:
                         return sum(len(b) for b in hole)
                     out.extend(self._tx.reply_read_plain(plain, buf))
                     return length
-            elif not ctx.writethrough and ctx.child.write_nowait(offset, data):  # type: ignore[arg-type]
+            elif not ctx.writethrough and (
+                (unlock is not None and length >= UNLOCKED_WRITE_MIN
+                 and ctx.child.write_unlocked(offset, data, unlock))  # type: ignore[arg-type]
+                or ctx.child.write_nowait(offset, data)  # type: ignore[arg-type]
+            ):
                 stats.bytes_written += length
                 reply = self._tx.reply_ok_plain(plain)
                 out.append(reply)

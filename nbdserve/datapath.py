@@ -237,7 +237,7 @@ class ThreadedLoop:
                         break
                     event = None  # we cut the stream ourselves, mid-request
                 if type(event) is tuple or type(event) is Request:
-                    answered = serve_now(event, out)
+                    answered = serve_now(event, out, self)
                     if isinstance(answered, int):
                         pending_bytes += answered
                     elif self._may_start(answered):
@@ -317,6 +317,17 @@ class ThreadedLoop:
                 tx.payload_received(received)
             else:
                 tx.receive_data(view[:received])
+
+    # -- the Unlocker lent to the block layer (Child.write_unlocked) ---------------------------
+
+    def __enter__(self) -> None:
+        self.lock.release()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.lock.acquire()
+
+    def run_soon(self, fn: Callable[[], object]) -> None:
+        self.token.run_sync_soon(fn)
 
     def _clear_wake(self) -> None:
         # Posted but not yet signalled raises: the next poll then returns at once.

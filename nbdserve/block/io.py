@@ -15,7 +15,8 @@ and one driver call: no allocation, no await, no logging.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from .types import Buffer, Extent, Limits, Perm, ReqFlags, Role
 from .zeros import is_zero
@@ -23,7 +24,7 @@ from .zeros import is_zero
 if TYPE_CHECKING:
     from .node import Caps, Node
 
-__all__ = ["Child"]
+__all__ = ["Child", "Unlocker"]
 
 _ENOTSUP = {errno.ENOTSUP, errno.EOPNOTSUPP}
 _NO_FLAGS = ReqFlags.NONE
@@ -33,6 +34,16 @@ ZERO_CHUNK = 1 << 20
 COPY_ON_READ_GRANULE = 1 << 16
 _WRITE_PERMS = Perm.WRITE | Perm.WRITE_UNCHANGED
 _STATUS_RESULT_LIMIT = 1 << 20
+
+
+class Unlocker(Protocol):
+    """What a caller on a connection thread lends :meth:`Child.write_unlocked`: entering
+    lets the graph lock go (other connections and trio run meanwhile), leaving takes it
+    back; ``run_soon`` runs a function on the trio thread (trio objects live there)."""
+
+    def __enter__(self) -> None: ...
+    def __exit__(self, *exc_info: object) -> None: ...
+    def run_soon(self, fn: Callable[[], object]) -> None: ...
 
 
 def _range_error(node: Node, offset: int, length: int) -> OSError:
@@ -256,6 +267,46 @@ class Child:
                 st.write_bytes += length
             return done
         return False
+
+    def write_unlocked(self, offset: int, data: Buffer, unlock: Unlocker) -> bool:
+        """:meth:`write_nowait` for a caller on a connection thread, holding the graph lock,
+        with a large payload: the copy into the file runs with the lock let go, so that the
+        copies of several connections overlap (nbdcopy writes on four). Only a chain of
+        generic edges down to a driver with ``write_unlocked`` takes this path; anything
+        else returns False and nothing was written: then ``write_nowait`` or ``write``.
+
+        While the lock is away other requests run, as at an await: the write is registered
+        with the tracker so that a read-modify-write waits for it."""
+        node = self.node
+        length = len(data)
+        wr = node._drv_write_unlocked
+        if not (
+            wr is not None
+            and self._writable
+            and node._fast_write
+            and offset >= 0
+            and 0 < length <= node._max_xfer
+            and offset + length <= node._size
+            and not (offset | length) & node._align_mask
+        ):
+            return False
+        tracker = node._tracker
+        if tracker.conflict(offset, offset + length, False) is not None:
+            return False
+        req = tracker.add(offset, offset + length, False)
+        try:
+            done = wr(offset, data, unlock)
+        except OSError as exc:
+            node.stats.error(exc)
+            raise
+        finally:
+            tracker.end(req, unlock.run_soon)
+        if done:
+            node.write_gen += 1
+            st = node.stats
+            st.write_ops += 1
+            st.write_bytes += length
+        return done
 
     def _check_write(self, flags: ReqFlags) -> None:
         if self._writable:

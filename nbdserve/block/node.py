@@ -10,7 +10,7 @@ import trio
 
 from .driver import Driver
 from .errors import GraphError
-from .io import Child
+from .io import Child, Unlocker
 from .stats import NodeStats
 from .tracking import Tracker
 from .types import Buffer, Extent, Limits, Perm, ReqFlags, Role
@@ -41,6 +41,21 @@ class Caps:
     #: No per-connection cache: every write is visible to every user of the node.
     multi_conn_safe: bool
 
+
+
+def _unlocking(
+    write: Callable[[int, Buffer], None] | None,
+) -> Callable[[int, Buffer, Unlocker], bool] | None:
+    """A driver's ``write_unlocked``, called with the graph lock let go."""
+    if write is None:
+        return None
+
+    def call(offset: int, data: Buffer, unlock: Unlocker) -> bool:
+        with unlock:
+            write(offset, data)
+        return True
+
+    return call
 
 class Node:
     """One node: ``name``, ``driver``, generic options, ``children`` (edges down, by name) and
@@ -97,6 +112,7 @@ class Node:
         self._drv_read: Callable[[int, int], Awaitable[Buffer]] | None = None
         self._drv_write_nowait: Callable[[int, Buffer, ReqFlags], bool] | None = None
         self._drv_write: Callable[[int, Buffer, ReqFlags], Awaitable[None]] | None = None
+        self._drv_write_unlocked: Callable[[int, Buffer, Unlocker], bool] | None = None
         self._drv_zero: Callable[[int, int, ReqFlags], Awaitable[None]] | None = None
         self._drv_discard: Callable[[int, int], Awaitable[None]] | None = None
         self._drv_flush: Callable[[], Awaitable[None]] | None = None
@@ -212,12 +228,14 @@ class Node:
         self._drv_cache = bind("cache")
         self._drv_block_status = bind("block_status")
         self._drv_truncate = bind("truncate")
+        self._drv_write_unlocked = _unlocking(bind("write_unlocked"))
         if filtered is not None:
             self._bind_passthrough(filtered)
         same = drv.same_offsets()
         if same is not None:
             self._drv_read_nowait = same.read_nowait
             self._drv_write_nowait = same.write_nowait
+            self._drv_write_unlocked = same.write_unlocked
         if self._drv_read is None:
             raise GraphError.at(self.name, None, f"driver '{self.driver_name}' cannot read")
 
@@ -231,6 +249,7 @@ class Node:
             self._drv_write = child.write
             if self._drv_write_nowait is None:
                 self._drv_write_nowait = child.write_nowait
+                self._drv_write_unlocked = child.write_unlocked
             # The child's own request path honours or emulates every write flag.
             self._write_flags = ReqFlags.FUA | ReqFlags.WRITE_UNCHANGED
         if self._drv_zero is None:

@@ -9,6 +9,8 @@ it is done. Aligned writes only wait for serialising requests, and when none is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 __all__ = ["TrackedRequest", "Tracker"]
@@ -45,15 +47,26 @@ class Tracker:
             if other.done is None:
                 other.done = trio.Event()
             await other.done.wait()
+        return self.add(start, end, serialising)
+
+    def add(self, start: int, end: int, serialising: bool) -> TrackedRequest:
+        """Register a request that has checked :meth:`conflict` itself."""
         req = TrackedRequest(start, end, serialising)
         self.requests.append(req)
         if serialising:
             self.serialising += 1
         return req
 
-    def end(self, req: TrackedRequest) -> None:
+    def end(
+        self, req: TrackedRequest, run_soon: Callable[[Callable[[], object]], None] | None = None
+    ) -> None:
+        """Unregister ``req`` and wake its waiters; off the trio thread, ``run_soon`` must
+        run the wake-up there."""
         self.requests.remove(req)
         if req.serialising:
             self.serialising -= 1
         if req.done is not None:
-            req.done.set()
+            if run_soon is None:
+                req.done.set()
+            else:
+                run_soon(req.done.set)

@@ -265,6 +265,46 @@ async def test_a_pass_serves_a_bounded_number_of_requests(
     assert max(batches) <= 2 * PASS_MAX_REQUESTS
 
 
+async def test_a_large_write_copies_without_the_graph_lock(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Connection A's 256 KiB write is held inside its copy into the file until connection B
+    # has written and read back; had A's thread kept the graph lock, trio (and B) would
+    # stall until the gate timed out.
+    from nbdserve.block.drivers.file import FileDriver
+
+    gate, started = threading.Event(), threading.Event()
+    opened: list[bool] = []
+    copy = FileDriver.write_unlocked
+
+    def held(self: FileDriver, offset: int, data: Buffer) -> None:
+        started.set()
+        opened.append(gate.wait(3))
+        copy(self, offset, data)
+
+    monkeypatch.setattr(FileDriver, "write_unlocked", held)
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(4 * MiB))
+    srv = await start_server(
+        nursery, tmp_path,
+        blockdevs=[{"driver": "file", "node-name": "f", "filename": str(img)},
+                   {"driver": "raw", "node-name": "r", "file": "f"}],
+        exports=[ExportSpec(name="", node_name="r", writable=True)],
+    )
+    a, b = await srv.connect(), await srv.connect()
+    big = bytes(range(256)) * 1024
+    cookie = await a.send(Cmd.WRITE, MiB, data=big)
+    with trio.fail_after(10):
+        while not started.is_set():
+            await trio.sleep(0.005)
+        await b.write(0, b"\x22" * 4096)
+        assert await b.read(0, 4096) == b"\x22" * 4096
+        gate.set()
+        assert (await a.wait(cookie)).error == 0
+    assert opened == [True]
+    assert await b.read(MiB, len(big)) == big
+
+
 async def test_a_run_of_large_writes_is_received_into_its_own_buffers(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

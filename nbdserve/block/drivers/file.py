@@ -221,9 +221,10 @@ class FileDriver(Driver):
         if self.direct:
             # Nothing direct is cheap enough for the event loop, and there is no page
             # cache for a prefetch to fill.
-            self._withdraw("read_nowait", "write_nowait", "cache")
+            self._withdraw("read_nowait", "write_nowait", "write_unlocked", "cache")
         if self.read_only:
-            self._withdraw("write_nowait", "write", "zero", "discard", "truncate")
+            self._withdraw("write_nowait", "write_unlocked", "write", "zero", "discard",
+                           "truncate")
         elif not self._can_punch and not self.is_block_device:
             self._withdraw("discard")
 
@@ -358,6 +359,15 @@ class FileDriver(Driver):
             # This filesystem can't do non-blocking buffered writes: stop asking.
             self._nowait_writes = False
             return False
+
+    def write_unlocked(self, offset: int, data: Buffer) -> None:
+        # Any thread, no graph lock: only the descriptor is touched (the node outlives
+        # every request on it). Blocking is fine here; it holds up this connection only.
+        done = _pwritev(self.fd, [data], offset)
+        if done < len(data):  # short writes are allowed to happen: write the rest
+            view = memoryview(data)
+            while done < len(data):
+                done += _pwritev(self.fd, [view[done:]], offset + done)
 
     def _write_inline(self, offset: int, data: Buffer) -> bool:
         # The filesystem can't say whether a buffered write would block (ext4 refuses

@@ -11,7 +11,9 @@ Why it is safe: the block graph, the protocol objects and the connection's count
 ever touched by one thread at a time, under the :class:`GraphLock`. The trio thread holds it
 whenever it runs tasks and lets go only while it waits for I/O, so a data-path thread's work
 is atomic with respect to every trio task, exactly as a task's work between two awaits is.
-The lock is never held across a blocking socket call.
+The lock is never held across a blocking socket call. One exception inside a pass: a large
+WRITE lets the lock go for its copy into the file (``Child.write_unlocked``, lent an
+:class:`Unlocker`), as an await would; the pass keeps no graph state across that call.
 """
 
 from __future__ import annotations
@@ -109,6 +111,26 @@ class GraphLock(trio.abc.Instrument):
         self.lock.acquire()
 
 
+class Unlocker:
+    """Lent to ``Child.write_unlocked`` by a connection thread holding the graph lock: the
+    ``with`` block runs without the lock; ``run_soon`` runs a function on the trio thread."""
+
+    __slots__ = ("lock", "token")
+
+    def __init__(self, lock: GraphLock, token: trio.lowlevel.TrioToken) -> None:
+        self.lock = lock
+        self.token = token
+
+    def __enter__(self) -> None:
+        self.lock.release()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.lock.acquire()
+
+    def run_soon(self, fn: Callable[[], object]) -> None:
+        self.token.run_sync_soon(fn)
+
+
 _GRAPH_LOCK: trio.lowlevel.RunVar[GraphLock] = trio.lowlevel.RunVar("graph_lock")
 
 
@@ -202,6 +224,7 @@ class ThreadedLoop:
         conn, lock, sock = self.conn, self.lock, self.sock
         tx = conn._tx
         serve_now, dispatch = conn._serve_now, self._dispatch
+        unlock = Unlocker(lock, self.token)
         max_in_flight = conn.max_in_flight
         view = memoryview(bytearray(_RECV_SIZE))
         waiting = select.poll()  # for replies from trio and, while reading, for requests
@@ -237,7 +260,7 @@ class ThreadedLoop:
                         break
                     event = None  # we cut the stream ourselves, mid-request
                 if type(event) is tuple or type(event) is Request:
-                    answered = serve_now(event, out, self)
+                    answered = serve_now(event, out, unlock)
                     if isinstance(answered, int):
                         pending_bytes += answered
                     elif self._may_start(answered):
@@ -317,17 +340,6 @@ class ThreadedLoop:
                 tx.payload_received(received)
             else:
                 tx.receive_data(view[:received])
-
-    # -- the Unlocker lent to the block layer (Child.write_unlocked) ---------------------------
-
-    def __enter__(self) -> None:
-        self.lock.release()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.lock.acquire()
-
-    def run_soon(self, fn: Callable[[], object]) -> None:
-        self.token.run_sync_soon(fn)
 
     def _clear_wake(self) -> None:
         # Posted but not yet signalled raises: the next poll then returns at once.

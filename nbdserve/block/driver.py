@@ -137,7 +137,7 @@ class Driver:
     # read_nowait(offset, length) -> Buffer | None          (sync: None = "would block")
     # write(offset, data, flags) -> None                    (async)
     # write_nowait(offset, data, flags) -> bool             (sync: False = "would block")
-    # write_unlocked(offset, data) -> None                  (sync, any thread, see below)
+    # write_unlocked(offset, data) -> bool                  (sync, any thread, see below)
     # zero(offset, length, flags) -> None                   (async; OSError(ENOTSUP) = "fall back")
     # discard(offset, length) -> None                       (async)
     # flush() -> None                                       (async)
@@ -160,7 +160,8 @@ class Driver:
     # ``write_unlocked`` is a large aligned write without flags from a connection thread
     # with the graph lock let go: it runs alongside trio tasks and other connections' calls,
     # so it may touch nothing but what is safe across threads (a file descriptor), and it
-    # may block. It writes everything or raises OSError.
+    # may block. It writes everything, raises OSError, or returns False having written
+    # nothing (then the generic layer takes another path).
     #
     # Their signatures, for drivers to copy:
 
@@ -170,7 +171,7 @@ class Driver:
         def read_nowait(self, offset: int, length: int) -> Buffer | None: ...
         async def write(self, offset: int, data: Buffer, flags: ReqFlags) -> None: ...
         def write_nowait(self, offset: int, data: Buffer, flags: ReqFlags) -> bool: ...
-        def write_unlocked(self, offset: int, data: Buffer) -> None: ...
+        def write_unlocked(self, offset: int, data: Buffer) -> bool: ...
         async def zero(self, offset: int, length: int, flags: ReqFlags) -> None: ...
         async def discard(self, offset: int, length: int) -> None: ...
         async def flush(self) -> None: ...

@@ -42,9 +42,8 @@ class Caps:
     multi_conn_safe: bool
 
 
-
 def _unlocking(
-    write: Callable[[int, Buffer], None] | None,
+    write: Callable[[int, Buffer], bool] | None,
 ) -> Callable[[int, Buffer, Unlocker], bool] | None:
     """A driver's ``write_unlocked``, called with the graph lock let go."""
     if write is None:
@@ -52,8 +51,7 @@ def _unlocking(
 
     def call(offset: int, data: Buffer, unlock: Unlocker) -> bool:
         with unlock:
-            write(offset, data)
-        return True
+            return write(offset, data)
 
     return call
 

@@ -94,7 +94,7 @@ async def test_a_waiter_is_woken_on_the_trio_thread(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("why", ["memory", "read-only", "direct", "filter", "serialising",
-                                 "out-of-range"])
+                                 "out-of-range", "detect-zeroes"])
 async def test_anything_else_declines_without_letting_go(tmp_path: Path, why: str) -> None:
     if why == "memory":
         graph = await open_graph([{"driver": "memory", "node-name": "r", "size": 4 * MiB}])
@@ -104,6 +104,13 @@ async def test_anything_else_declines_without_letting_go(tmp_path: Path, why: st
         child = graph.attach("r", perm=Perm.CONSISTENT_READ, shared=SHARE, user="reader")
     elif why == "direct":
         graph, child = await _raw_over_file(tmp_path, **{"cache.direct": True})
+    elif why == "detect-zeroes":  # every write must be looked at first
+        img = tmp_path / "disk.img"
+        img.write_bytes(bytes(4 * MiB))
+        graph = await open_graph([{"driver": "file", "node-name": "f", "filename": str(img)},
+                                  {"driver": "raw", "node-name": "r", "file": "f",
+                                   "detect-zeroes": "on"}])
+        child = graph.attach("r", perm=RW, shared=SHARE, user="test")
     elif why == "filter":  # a driver with a write_nowait of its own stays under the lock
         graph, _ = await _raw_over_file(tmp_path)
         await graph.add({"driver": "blkdebug", "node-name": "dbg", "image": "r"})
@@ -117,5 +124,21 @@ async def test_anything_else_declines_without_letting_go(tmp_path: Path, why: st
     try:
         assert not child.write_unlocked(offset, DATA, unlock)
         assert unlock.entered == 0
+    finally:
+        await graph.close()
+
+
+async def test_the_file_driver_leaves_writes_over_1_mib_to_its_thread_pool(
+    tmp_path: Path,
+) -> None:
+    # Several of those from one connection overlap there; on the connection thread they
+    # would be copied one after the other.
+    graph, child = await _raw_over_file(tmp_path)
+    big = b"\x77" * (2 * MiB)
+    try:
+        assert not child.write_unlocked(0, big, FakeUnlock())
+        assert not graph.node("r")._tracker.requests and not graph.node("f")._tracker.requests
+        assert graph.node("r").stats.write_ops == 0
+        assert bytes(await child.read(0, 4096)) == bytes(4096)
     finally:
         await graph.close()

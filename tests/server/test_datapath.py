@@ -3,6 +3,7 @@ ending a connection whose thread is blocked."""
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from nbdserve.datapath import PASS_MAX_REQUESTS, SEND_BATCH_BYTES, ThreadedLoop,
 from nbdserve.types import Buffer
 from protocol import Cmd, CmdFlag, Request
 
-from .harness import MiB, start_server
+from .harness import MiB, Running, start_server
 from .nbdclient import NBDClient
 
 GARBAGE = b"\xde\xad\xbe\xef" * 7  # not a request magic: a protocol error
@@ -265,44 +266,107 @@ async def test_a_pass_serves_a_bounded_number_of_requests(
     assert max(batches) <= 2 * PASS_MAX_REQUESTS
 
 
+class HeldCopy:
+    """Replaces the file driver's unlocked copy: each copy waits at a gate (3 s at most)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: OSError | None = None) -> None:
+        from nbdserve.block.drivers.file import FileDriver
+
+        self.gate, self.started = threading.Event(), threading.Event()
+        self.opened: list[bool] = []  # per copy: let through by the gate, not by its timeout
+        copy = FileDriver.write_unlocked
+
+        def held(driver: FileDriver, offset: int, data: Buffer) -> bool:
+            self.started.set()
+            self.opened.append(self.gate.wait(3))
+            if fail is not None:
+                copy(driver, offset, memoryview(data)[: len(data) // 2])
+                raise fail
+            return copy(driver, offset, data)
+
+        monkeypatch.setattr(FileDriver, "write_unlocked", held)
+
+    async def wait_started(self) -> None:
+        while not self.started.is_set():
+            await trio.sleep(0.005)
+
+
+async def _raw_over_file(nursery: trio.Nursery, tmp_path: Path) -> Running:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(4 * MiB))
+    return await start_server(
+        nursery, tmp_path,
+        blockdevs=[{"driver": "file", "node-name": "f", "filename": str(img)},
+                   {"driver": "raw", "node-name": "r", "file": "f"}],
+        exports=[ExportSpec(name="", node_name="r", writable=True)],
+    )
+
+
 async def test_a_large_write_copies_without_the_graph_lock(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Connection A's 256 KiB write is held inside its copy into the file until connection B
     # has written and read back; had A's thread kept the graph lock, trio (and B) would
     # stall until the gate timed out.
-    from nbdserve.block.drivers.file import FileDriver
-
-    gate, started = threading.Event(), threading.Event()
-    opened: list[bool] = []
-    copy = FileDriver.write_unlocked
-
-    def held(self: FileDriver, offset: int, data: Buffer) -> None:
-        started.set()
-        opened.append(gate.wait(3))
-        copy(self, offset, data)
-
-    monkeypatch.setattr(FileDriver, "write_unlocked", held)
-    img = tmp_path / "disk.img"
-    img.write_bytes(bytes(4 * MiB))
-    srv = await start_server(
-        nursery, tmp_path,
-        blockdevs=[{"driver": "file", "node-name": "f", "filename": str(img)},
-                   {"driver": "raw", "node-name": "r", "file": "f"}],
-        exports=[ExportSpec(name="", node_name="r", writable=True)],
-    )
+    held = HeldCopy(monkeypatch)
+    srv = await _raw_over_file(nursery, tmp_path)
     a, b = await srv.connect(), await srv.connect()
     big = bytes(range(256)) * 1024
     cookie = await a.send(Cmd.WRITE, MiB, data=big)
     with trio.fail_after(10):
-        while not started.is_set():
-            await trio.sleep(0.005)
+        await held.wait_started()
         await b.write(0, b"\x22" * 4096)
         assert await b.read(0, 4096) == b"\x22" * 4096
-        gate.set()
+        held.gate.set()
         assert (await a.wait(cookie)).error == 0
-    assert opened == [True]
+    assert held.opened == [True]
     assert await b.read(MiB, len(big)) == big
+
+
+async def test_a_serialising_request_waits_for_an_unlocked_write(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a read-modify-write on the file node would: it must not start while the copy runs,
+    # and it is woken on the trio thread once the copy is done.
+    held = HeldCopy(monkeypatch)
+    srv = await _raw_over_file(nursery, tmp_path)
+    client = await srv.connect()
+    cookie = await client.send(Cmd.WRITE, MiB, data=b"\x33" * (256 << 10))
+    tracker = srv.graph.node("f")._tracker
+    woken: list[int] = []
+
+    async def serialising() -> None:
+        req = await tracker.begin(MiB, MiB + 1, True)
+        woken.append(threading.get_ident())
+        tracker.end(req)
+
+    with trio.fail_after(10):
+        await held.wait_started()
+        nursery.start_soon(serialising)
+        await trio.sleep(0.05)
+        assert woken == []
+        held.gate.set()
+        assert (await client.wait(cookie)).error == 0
+        while not woken:
+            await trio.sleep(0.005)
+    assert woken == [threading.get_ident()]
+
+
+async def test_an_error_in_an_unlocked_copy_is_answered(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldCopy(monkeypatch, fail=OSError(errno.ENOSPC, "No space left on device"))
+    held.gate.set()
+    srv = await _raw_over_file(nursery, tmp_path)
+    client = await srv.connect()
+    with trio.fail_after(10):
+        reply = await client.request(Cmd.WRITE, MiB, data=b"\x11" * (256 << 10))
+        assert reply.error == errno.ENOSPC
+        await client.write(0, b"\x22" * 4096)  # the connection and the lock carry on
+        assert await client.read(0, 4096) == b"\x22" * 4096
+    for name in "rf":
+        assert not srv.graph.node(name)._tracker.requests
+    assert srv.graph.node("f").stats.errors == {"ENOSPC": 1}
 
 
 async def test_a_run_of_large_writes_is_received_into_its_own_buffers(

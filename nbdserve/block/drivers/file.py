@@ -360,14 +360,19 @@ class FileDriver(Driver):
             self._nowait_writes = False
             return False
 
-    def write_unlocked(self, offset: int, data: Buffer) -> None:
+    def write_unlocked(self, offset: int, data: Buffer) -> bool:
         # Any thread, no graph lock: only the descriptor is touched (the node outlives
-        # every request on it). Blocking is fine here; it holds up this connection only.
+        # every request on it), and the pause is only read. Blocking holds up this
+        # connection only, but larger writes overlap better as several tasks in the pool,
+        # and while writes stall (see below) they all go there.
+        if len(data) > NOWAIT_MAX or _monotonic_ns() < self._inline_writes_paused_until:
+            return False
         done = _pwritev(self.fd, [data], offset)
         if done < len(data):  # short writes are allowed to happen: write the rest
             view = memoryview(data)
             while done < len(data):
                 done += _pwritev(self.fd, [view[done:]], offset + done)
+        return True
 
     def _write_inline(self, offset: int, data: Buffer) -> bool:
         # The filesystem can't say whether a buffered write would block (ext4 refuses

@@ -414,3 +414,15 @@ def test_floor_server_reads_and_writes(tmp_path: Path) -> None:
         server.wait()
     data = image.read_bytes()
     assert data[4096 : 4096 + 65536] == b"\xab" * 65536 and data[:4096] == bytes(4096)
+
+
+async def test_hot_path_serves_every_request(tmp_path: Path) -> None:
+    # bench/hot_path.py checks that each batch is parsed and answered at once before it
+    # times anything; a tiny run must produce a figure for every row.
+    from bench.hot_path import measure
+
+    results = await measure(4, 1, str(tmp_path))  # a disk filesystem, unlike the default
+    assert [name for name, _ in results] == [
+        "READ parse", "WRITE parse", "READ parse + serve + reply", "WRITE parse + serve + reply"
+    ]
+    assert all(us > 0 for _, us in results)

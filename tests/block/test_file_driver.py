@@ -223,6 +223,7 @@ async def test_large_transfers_always_go_to_a_thread(
     assert drv.read_nowait(0, size) is None
     calls = []
     monkeypatch.setattr(file, "_pwritev", lambda *args: calls.append(args))
+    monkeypatch.setattr(file, "_pwrite", lambda *args: calls.append(args))
     assert drv.write_nowait(0, bytes(size), ReqFlags.NONE) is False
     assert calls == []  # not even tried
     monkeypatch.undo()
@@ -299,7 +300,13 @@ async def test_write_nowait_learns_that_the_filesystem_refuses(
             raise OSError(errno.EOPNOTSUPP, "Operation not supported")
         return real(fd, bufs, offset, flags)
 
+    def plain(fd: int, data: Any, offset: int) -> int:
+        calls.append(0)
+        return os.pwrite(fd, data, offset)
+
     monkeypatch.setattr(file, "_pwritev", refuse_nowait)
+    monkeypatch.setattr(file, "_pwrite", plain)
+    drv._rwf_nowait = os.RWF_NOWAIT  # as on a disk filesystem (the test image may be tmpfs)
     assert drv.write_nowait(0, b"x" * 512, ReqFlags.NONE) is False
     # Asked once, then remembered: later writes go inline (timed), without RWF_NOWAIT.
     assert drv.write_nowait(0, b"y" * 512, ReqFlags.NONE) is True
@@ -327,6 +334,7 @@ async def test_write_nowait_would_block_is_false(
         raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
 
     monkeypatch.setattr(file, "_pwritev", busy)
+    drv._rwf_nowait = os.RWF_NOWAIT  # as on a disk filesystem (the test image may be tmpfs)
     assert drv.write_nowait(0, b"x" * 512, ReqFlags.NONE) is False
     assert drv._nowait_writes  # EAGAIN is "not now", not "never"
 

@@ -81,6 +81,8 @@ __all__ = ["FileDriver"]
 
 _preadv = os.preadv
 _pwritev = os.pwritev
+#: Without flags, pwrite: no iovec list to build (0.25 µs of a 4 KiB write's ~2).
+_pwrite = os.pwrite
 _RWF_NOWAIT = os.RWF_NOWAIT
 _RWF_DSYNC = os.RWF_DSYNC
 _FUA = ReqFlags.FUA
@@ -350,6 +352,8 @@ class FileDriver(Driver):
         if not self._nowait_writes:
             return self._write_inline(offset, data)
         try:
+            if not self._rwf_nowait:  # a memory filesystem: a write never waits for a disk
+                return _pwrite(self.fd, data, offset) == len(data)
             return _pwritev(self.fd, [data], offset, self._rwf_nowait) == len(data)
         except BlockingIOError:
             return False
@@ -367,11 +371,11 @@ class FileDriver(Driver):
         # and while writes stall (see below) they all go there.
         if len(data) > NOWAIT_MAX or _monotonic_ns() < self._inline_writes_paused_until:
             return False
-        done = _pwritev(self.fd, [data], offset)
+        done = _pwrite(self.fd, data, offset)
         if done < len(data):  # short writes are allowed to happen: write the rest
             view = memoryview(data)
             while done < len(data):
-                done += _pwritev(self.fd, [view[done:]], offset + done)
+                done += _pwrite(self.fd, view[done:], offset + done)
         return True
 
     def _write_inline(self, offset: int, data: Buffer) -> bool:
@@ -383,7 +387,7 @@ class FileDriver(Driver):
         start = _monotonic_ns()
         if start < self._inline_writes_paused_until:
             return False
-        done = _pwritev(self.fd, [data], offset)
+        done = _pwrite(self.fd, data, offset)
         if _monotonic_ns() - start > INLINE_WRITE_STALL_NS:
             self._inline_writes_paused_until = start + INLINE_WRITE_PAUSE_NS
         return done == len(data)

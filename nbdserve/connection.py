@@ -60,10 +60,11 @@ from .types import Buffer
 
 #: One receive call asks for this much: many small requests, or a whole 1 MiB write.
 RECV_SIZE = 1 << 20
-#: A WRITE this large, on a connection thread, copies into the file without the graph lock
-#: (``Child.write_unlocked``), so that several connections' copies overlap. Smaller ones
-#: cost less than letting the lock go and taking it back.
-UNLOCKED_WRITE_MIN = 64 << 10
+#: A READ or WRITE this large, on a connection thread, copies out of or into the file
+#: without the graph lock (``Child.read_unlocked``, ``write_unlocked``), so that several
+#: connections' copies overlap. Smaller ones cost less than letting the lock go and taking
+#: it back.
+UNLOCKED_MIN = 64 << 10
 #: Replies gathered by one pass are sent once they hold this many bytes, which bounds the
 #: memory a burst of page-cache reads can pin.
 SEND_BATCH_BYTES = 4 << 20
@@ -422,7 +423,11 @@ class Connection:
         ctx = self._ctx
         try:
             if cmd == _READ:
-                buf = ctx.child.read_nowait(offset, length)
+                buf = None
+                if unlock is not None and length >= UNLOCKED_MIN:
+                    buf = ctx.child.read_unlocked(offset, length, unlock)
+                if buf is None:
+                    buf = ctx.child.read_nowait(offset, length)
                 if buf is not None:
                     stats.bytes_read += length
                     if (length >= SPARSE_READ_MIN and ctx.structured and not flags & _DF
@@ -434,7 +439,7 @@ class Connection:
                     out.extend(self._tx.reply_read_plain(plain, buf))
                     return length
             elif not ctx.writethrough and (
-                (unlock is not None and length >= UNLOCKED_WRITE_MIN
+                (unlock is not None and length >= UNLOCKED_MIN
                  and ctx.child.write_unlocked(offset, data, unlock))  # type: ignore[arg-type]
                 or ctx.child.write_nowait(offset, data)  # type: ignore[arg-type]
             ):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .types import Buffer, Extent, Limits, Perm, ReqFlags, Role
 
 if TYPE_CHECKING:
+    from .io import Unlocker
     from .node import Child, Node
 
 _REQUIRED: Any = object()
@@ -137,7 +138,8 @@ class Driver:
     # read_nowait(offset, length) -> Buffer | None          (sync: None = "would block")
     # write(offset, data, flags) -> None                    (async)
     # write_nowait(offset, data, flags) -> bool             (sync: False = "would block")
-    # write_unlocked(offset, data) -> bool                  (sync, any thread, see below)
+    # read_unlocked(offset, length, unlock) -> Buffer | None (sync, see below)
+    # write_unlocked(offset, data, unlock) -> bool          (sync, see below)
     # zero(offset, length, flags) -> None                   (async; OSError(ENOTSUP) = "fall back")
     # discard(offset, length) -> None                       (async)
     # flush() -> None                                       (async)
@@ -157,11 +159,14 @@ class Driver:
     # never run alongside a trio task. They must not call trio, and must not block for long
     # (the lock stalls every other connection meanwhile).
     #
-    # ``write_unlocked`` is a large aligned write without flags from a connection thread
-    # with the graph lock let go: it runs alongside trio tasks and other connections' calls,
-    # so it may touch nothing but what is safe across threads (a file descriptor), and it
-    # may block. It writes everything, raises OSError, or returns False having written
-    # nothing (then the generic layer takes another path).
+    # The two ``_unlocked`` callbacks serve a large aligned request without flags from a
+    # connection thread that holds the graph lock, as ``_nowait`` ones do, and lend an
+    # ``Unlocker``: inside ``with unlock:`` the lock is let go and other connections and trio
+    # tasks run, so the driver does only its copy there, touching nothing but what is safe
+    # across threads (a file descriptor); buffers come from its pool before. A write may
+    # block; a read must not (a cache miss is the thread pool's work). Each does the whole
+    # request, raises OSError, or declines (None / False) and the generic layer takes
+    # another path.
     #
     # Their signatures, for drivers to copy:
 
@@ -171,7 +176,8 @@ class Driver:
         def read_nowait(self, offset: int, length: int) -> Buffer | None: ...
         async def write(self, offset: int, data: Buffer, flags: ReqFlags) -> None: ...
         def write_nowait(self, offset: int, data: Buffer, flags: ReqFlags) -> bool: ...
-        def write_unlocked(self, offset: int, data: Buffer) -> bool: ...
+        def read_unlocked(self, offset: int, length: int, unlock: Unlocker) -> Buffer | None: ...
+        def write_unlocked(self, offset: int, data: Buffer, unlock: Unlocker) -> bool: ...
         async def zero(self, offset: int, length: int, flags: ReqFlags) -> None: ...
         async def discard(self, offset: int, length: int) -> None: ...
         async def flush(self) -> None: ...

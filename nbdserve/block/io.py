@@ -37,9 +37,10 @@ _STATUS_RESULT_LIMIT = 1 << 20
 
 
 class Unlocker(Protocol):
-    """What a caller on a connection thread lends :meth:`Child.write_unlocked`: entering
-    lets the graph lock go (other connections and trio run meanwhile), leaving takes it
-    back; ``run_soon`` runs a function on the trio thread (trio objects live there)."""
+    """What a caller on a connection thread lends :meth:`Child.read_unlocked` and
+    :meth:`Child.write_unlocked`: entering lets the graph lock go (other connections and
+    trio run meanwhile), leaving takes it back; ``run_soon`` runs a function on the trio
+    thread (trio objects live there)."""
 
     def __enter__(self) -> None: ...
     def __exit__(self, *exc_info: object) -> None: ...
@@ -166,6 +167,33 @@ class Child:
                 st.read_bytes += length
             return buf
         return self._read_nowait_padded(offset, length)
+
+    def read_unlocked(self, offset: int, length: int, unlock: Unlocker) -> Buffer | None:
+        """:meth:`read_nowait` for a caller on a connection thread, holding the graph lock,
+        with a large read: the copy out of the page cache runs with the lock let go, so
+        that several connections' copies overlap. Only a chain of generic edges down to a
+        driver with ``read_unlocked`` takes this path; anything else returns None: then
+        ``read_nowait`` or ``read``."""
+        node = self.node
+        rd = node._drv_read_unlocked
+        if not (
+            rd is not None
+            and offset >= 0
+            and 0 < length <= node._read_max
+            and offset + length <= node._size
+            and not (offset | length) & node._align_mask
+        ):
+            return None
+        try:
+            buf = rd(offset, length, unlock)
+        except OSError as exc:
+            node.stats.error(exc)
+            raise
+        if buf is not None:
+            st = node.stats
+            st.read_ops += 1
+            st.read_bytes += length
+        return buf
 
     def _read_nowait_padded(self, offset: int, length: int) -> Buffer | None:
         node = self.node

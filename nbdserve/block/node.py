@@ -42,19 +42,6 @@ class Caps:
     multi_conn_safe: bool
 
 
-def _unlocking(
-    write: Callable[[int, Buffer], bool] | None,
-) -> Callable[[int, Buffer, Unlocker], bool] | None:
-    """A driver's ``write_unlocked``, called with the graph lock let go."""
-    if write is None:
-        return None
-
-    def call(offset: int, data: Buffer, unlock: Unlocker) -> bool:
-        with unlock:
-            return write(offset, data)
-
-    return call
-
 class Node:
     """One node: ``name``, ``driver``, generic options, ``children`` (edges down, by name) and
     ``parents`` (edges up). The request path reads the precomputed ``_*`` attributes."""
@@ -111,6 +98,7 @@ class Node:
         self._drv_write_nowait: Callable[[int, Buffer, ReqFlags], bool] | None = None
         self._drv_write: Callable[[int, Buffer, ReqFlags], Awaitable[None]] | None = None
         self._drv_write_unlocked: Callable[[int, Buffer, Unlocker], bool] | None = None
+        self._drv_read_unlocked: Callable[[int, int, Unlocker], Buffer | None] | None = None
         self._drv_zero: Callable[[int, int, ReqFlags], Awaitable[None]] | None = None
         self._drv_discard: Callable[[int, int], Awaitable[None]] | None = None
         self._drv_flush: Callable[[], Awaitable[None]] | None = None
@@ -226,7 +214,8 @@ class Node:
         self._drv_cache = bind("cache")
         self._drv_block_status = bind("block_status")
         self._drv_truncate = bind("truncate")
-        self._drv_write_unlocked = _unlocking(bind("write_unlocked"))
+        self._drv_write_unlocked = bind("write_unlocked")
+        self._drv_read_unlocked = bind("read_unlocked")
         if filtered is not None:
             self._bind_passthrough(filtered)
         same = drv.same_offsets()
@@ -234,6 +223,7 @@ class Node:
             self._drv_read_nowait = same.read_nowait
             self._drv_write_nowait = same.write_nowait
             self._drv_write_unlocked = same.write_unlocked
+            self._drv_read_unlocked = same.read_unlocked
         if self._drv_read is None:
             raise GraphError.at(self.name, None, f"driver '{self.driver_name}' cannot read")
 
@@ -243,6 +233,7 @@ class Node:
             self._drv_read = child.read
             if self._drv_read_nowait is None:
                 self._drv_read_nowait = child.read_nowait
+                self._drv_read_unlocked = child.read_unlocked
         if self._drv_write is None:
             self._drv_write = child.write
             if self._drv_write_nowait is None:

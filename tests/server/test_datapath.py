@@ -4,16 +4,19 @@ ending a connection whose thread is blocked."""
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 import trio
 
 from nbdserve import connection as connection_module
+from nbdserve.block.io import Unlocker
 from nbdserve.commands import HANDLERS, CommandContext
 from nbdserve.config import ExportSpec
 from nbdserve.datapath import PASS_MAX_REQUESTS, SEND_BATCH_BYTES, ThreadedLoop, graph_lock
@@ -266,25 +269,37 @@ async def test_a_pass_serves_a_bounded_number_of_requests(
     assert max(batches) <= 2 * PASS_MAX_REQUESTS
 
 
-class HeldCopy:
-    """Replaces the file driver's unlocked copy: each copy waits at a gate (3 s at most)."""
+class Gate:
+    """Wraps the Unlocker a connection thread lends the file driver: each unlocked copy
+    waits at a gate (3 s at most) once the lock is let go."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: OSError | None = None) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
         from nbdserve.block.drivers.file import FileDriver
 
         self.gate, self.started = threading.Event(), threading.Event()
         self.opened: list[bool] = []  # per copy: let through by the gate, not by its timeout
-        copy = FileDriver.write_unlocked
+        real = getattr(FileDriver, method)
+        gate = self
 
-        def held(driver: FileDriver, offset: int, data: Buffer) -> bool:
-            self.started.set()
-            self.opened.append(self.gate.wait(3))
-            if fail is not None:
-                copy(driver, offset, memoryview(data)[: len(data) // 2])
-                raise fail
-            return copy(driver, offset, data)
+        class Gated:
+            def __init__(self, unlock: Unlocker) -> None:
+                self.unlock = unlock
 
-        monkeypatch.setattr(FileDriver, "write_unlocked", held)
+            def __enter__(self) -> None:
+                self.unlock.__enter__()
+                gate.started.set()
+                gate.opened.append(gate.gate.wait(3))
+
+            def __exit__(self, *exc_info: object) -> None:
+                self.unlock.__exit__(*exc_info)
+
+            def run_soon(self, fn: Callable[[], object]) -> None:
+                self.unlock.run_soon(fn)
+
+        def gated(driver: FileDriver, offset: int, what: Any, unlock: Unlocker) -> Any:
+            return real(driver, offset, what, Gated(unlock))
+
+        monkeypatch.setattr(FileDriver, method, gated)
 
     async def wait_started(self) -> None:
         while not self.started.is_set():
@@ -308,7 +323,7 @@ async def test_a_large_write_copies_without_the_graph_lock(
     # Connection A's 256 KiB write is held inside its copy into the file until connection B
     # has written and read back; had A's thread kept the graph lock, trio (and B) would
     # stall until the gate timed out.
-    held = HeldCopy(monkeypatch)
+    held = Gate(monkeypatch, "write_unlocked")
     srv = await _raw_over_file(nursery, tmp_path)
     a, b = await srv.connect(), await srv.connect()
     big = bytes(range(256)) * 1024
@@ -323,12 +338,30 @@ async def test_a_large_write_copies_without_the_graph_lock(
     assert await b.read(MiB, len(big)) == big
 
 
+async def test_a_large_read_copies_without_the_graph_lock(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = Gate(monkeypatch, "read_unlocked")
+    srv = await _raw_over_file(nursery, tmp_path)
+    a, b = await srv.connect(), await srv.connect()
+    big = bytes(range(256)) * 1024
+    await a.write(MiB, big)
+    cookie = await a.send(Cmd.READ, MiB, len(big))
+    with trio.fail_after(10):
+        await held.wait_started()
+        await b.write(0, b"\x22" * 4096)  # B is served while A's copy is held
+        held.gate.set()
+        reply = await a.wait(cookie)
+        assert reply.error == 0 and reply.data() == big
+    assert held.opened == [True]
+
+
 async def test_a_serialising_request_waits_for_an_unlocked_write(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As a read-modify-write on the file node would: it must not start while the copy runs,
     # and it is woken on the trio thread once the copy is done.
-    held = HeldCopy(monkeypatch)
+    held = Gate(monkeypatch, "write_unlocked")
     srv = await _raw_over_file(nursery, tmp_path)
     client = await srv.connect()
     cookie = await client.send(Cmd.WRITE, MiB, data=b"\x33" * (256 << 10))
@@ -355,8 +388,15 @@ async def test_a_serialising_request_waits_for_an_unlocked_write(
 async def test_an_error_in_an_unlocked_copy_is_answered(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    held = HeldCopy(monkeypatch, fail=OSError(errno.ENOSPC, "No space left on device"))
-    held.gate.set()
+    from nbdserve.block.drivers import file
+
+    def half_then_full(fd: int, data: Buffer, offset: int) -> int:
+        if len(data) < (64 << 10):
+            return os.pwrite(fd, data, offset)
+        os.pwrite(fd, memoryview(data)[: len(data) // 2], offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file, "_pwrite", half_then_full)
     srv = await _raw_over_file(nursery, tmp_path)
     client = await srv.connect()
     with trio.fail_after(10):

@@ -75,6 +75,7 @@ from . import _file_sys as sys_
 from ._file_lock import ImageLock, ImageLockedError, ofd_locks_supported
 
 if TYPE_CHECKING:
+    from ..io import Unlocker
     from ..node import Node
 
 __all__ = ["FileDriver"]
@@ -223,7 +224,8 @@ class FileDriver(Driver):
         if self.direct:
             # Nothing direct is cheap enough for the event loop, and there is no page
             # cache for a prefetch to fill.
-            self._withdraw("read_nowait", "write_nowait", "write_unlocked", "cache")
+            self._withdraw("read_nowait", "read_unlocked", "write_nowait", "write_unlocked",
+                           "cache")
         if self.read_only:
             self._withdraw("write_nowait", "write_unlocked", "write", "zero", "discard",
                            "truncate")
@@ -324,6 +326,22 @@ class FileDriver(Driver):
         # Not cached, or a short read (partly cached, or the file shrank): read() decides.
         return None
 
+    def read_unlocked(self, offset: int, length: int, unlock: Unlocker) -> Buffer | None:
+        if length > NOWAIT_MAX or not self._nowait_reads:
+            return None
+        buf = self._pool.take(length)  # the pool is not thread-safe: before letting go
+        done = -1
+        with unlock:  # only the descriptor and the caller's buffer are touched
+            try:
+                done = _preadv(self.fd, [buf], offset, self._rwf_nowait)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    raise
+        # Not cached, short, or RWF_NOWAIT refused: read_nowait() sorts that out.
+        return buf if done == length else None
+
     async def read(self, offset: int, length: int) -> Buffer:
         buf = self._pool.take(length)
         await threads.run_sync(self._pread, buf, offset)
@@ -364,18 +382,17 @@ class FileDriver(Driver):
             self._nowait_writes = False
             return False
 
-    def write_unlocked(self, offset: int, data: Buffer) -> bool:
-        # Any thread, no graph lock: only the descriptor is touched (the node outlives
-        # every request on it), and the pause is only read. Blocking holds up this
-        # connection only, but larger writes overlap better as several tasks in the pool,
-        # and while writes stall (see below) they all go there.
+    def write_unlocked(self, offset: int, data: Buffer, unlock: Unlocker) -> bool:
+        # Blocking holds up this connection only, but larger writes overlap better as
+        # several tasks in the pool, and while writes stall (see below) they all go there.
         if len(data) > NOWAIT_MAX or _monotonic_ns() < self._inline_writes_paused_until:
             return False
-        done = _pwrite(self.fd, data, offset)
-        if done < len(data):  # short writes are allowed to happen: write the rest
-            view = memoryview(data)
-            while done < len(data):
-                done += _pwrite(self.fd, view[done:], offset + done)
+        with unlock:  # only the descriptor is touched; the node outlives every request
+            done = _pwrite(self.fd, data, offset)
+            if done < len(data):  # short writes are allowed to happen: write the rest
+                view = memoryview(data)
+                while done < len(data):
+                    done += _pwrite(self.fd, view[done:], offset + done)
         return True
 
     def _write_inline(self, offset: int, data: Buffer) -> bool:

@@ -1,7 +1,7 @@
-"""``Child.write_unlocked``: a large write from a connection thread copied into the file with
-the graph lock let go. Only a chain of generic edges down to the file driver takes it; while
-the lock is away the write is registered with every tracker on the way, so a read-modify-write
-arriving meanwhile waits for it."""
+"""``Child.read_unlocked`` and ``write_unlocked``: a large request from a connection thread
+copied out of or into the file with the graph lock let go. Only a chain of generic edges down
+to the file driver takes them; while the lock is away a write is registered with every tracker
+on the way, so a read-modify-write arriving meanwhile waits for it."""
 
 from __future__ import annotations
 
@@ -135,10 +135,51 @@ async def test_the_file_driver_leaves_writes_over_1_mib_to_its_thread_pool(
     # would be copied one after the other.
     graph, child = await _raw_over_file(tmp_path)
     big = b"\x77" * (2 * MiB)
+    unlock = FakeUnlock()
     try:
-        assert not child.write_unlocked(0, big, FakeUnlock())
+        assert not child.write_unlocked(0, big, unlock)
+        assert child.read_unlocked(0, len(big), unlock) is None
+        assert unlock.entered == 0
         assert not graph.node("r")._tracker.requests and not graph.node("f")._tracker.requests
         assert graph.node("r").stats.write_ops == 0
         assert bytes(await child.read(0, 4096)) == bytes(4096)
+    finally:
+        await graph.close()
+
+
+async def test_raw_over_file_reads_with_the_lock_let_go(tmp_path: Path) -> None:
+    graph, child = await _raw_over_file(tmp_path)
+    unlock = FakeUnlock()
+    try:
+        await child.write(MiB, DATA)
+        buf = child.read_unlocked(MiB, len(DATA), unlock)
+        assert buf is not None and bytes(buf) == DATA
+        assert unlock.entered == 1
+        for name in "rf":
+            stats = graph.node(name).stats
+            assert (stats.read_ops, stats.read_bytes) == (1, len(DATA))
+    finally:
+        await graph.close()
+
+
+@pytest.mark.parametrize("why", ["memory", "direct", "copy-on-read", "out-of-range"])
+async def test_reads_anywhere_else_decline_without_letting_go(tmp_path: Path, why: str) -> None:
+    if why == "memory":
+        graph = await open_graph([{"driver": "memory", "node-name": "r", "size": 4 * MiB}])
+        child = graph.attach("r", perm=RW, shared=SHARE, user="test")
+    elif why == "direct":
+        graph, child = await _raw_over_file(tmp_path, **{"cache.direct": True})
+    elif why == "copy-on-read":  # each read may write: never without the lock
+        graph, _ = await _raw_over_file(tmp_path)
+        await graph.add({"driver": "raw", "node-name": "cor", "file": "r",
+                         "copy-on-read": True})
+        child = graph.attach("cor", perm=RW, shared=SHARE, user="test")
+    else:
+        graph, child = await _raw_over_file(tmp_path)
+    offset = 4 * MiB - 4096 if why == "out-of-range" else MiB
+    unlock = FakeUnlock()
+    try:
+        assert child.read_unlocked(offset, len(DATA), unlock) is None
+        assert unlock.entered == 0
     finally:
         await graph.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,6 +66,12 @@ def test_sigterm_with_client_connected_exits_cleanly(serve: ServeFactory, image:
 def test_pid_file_names_the_server(serve: ServeFactory, image: Path, tmp_path: Path) -> None:
     pid_file = tmp_path / "server.pid"
     server = serve("-f", "raw", "--pid-file", str(pid_file), str(image))
+    # The file appears once the socket listens (as with qemu-nbd: whoever waits for it can
+    # connect at once), so a moment after the socket takes connections.
+    deadline = time.monotonic() + 10
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, f"no pid file\n{server.describe()}"
+        time.sleep(0.01)
     assert int(pid_file.read_text().strip()) == server.process.pid
 
 

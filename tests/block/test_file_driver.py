@@ -189,6 +189,9 @@ async def test_tmpfs_serves_reads_and_writes_without_a_thread() -> None:
     try:
         buf = d.read_nowait(0, 4096)
         assert buf is not None and bytes(buf) == b"\x5a" * 4096
+        large = d.read_nowait(0, 65536)  # above SMALL_READ: a pooled buffer
+        assert large is not None and bytes(large[:4096]) == b"\x5a" * 4096
+        assert d.read_nowait(MiB - 4096, 8192) is None  # short at the end: read() decides
         assert d.write_nowait(8192, b"\xa5" * 4096, ReqFlags.NONE)
         assert path.read_bytes()[8192:12288] == b"\xa5" * 4096
     finally:
@@ -722,6 +725,7 @@ async def test_a_slow_disk_does_not_stall_the_event_loop(
 
         return slow
 
+    drv._rwf_nowait = os.RWF_NOWAIT  # as on a disk filesystem (the test image may be tmpfs)
     monkeypatch.setattr(file, "_preadv", disk(real_preadv))
     monkeypatch.setattr(file, "_pwritev", disk(real_pwritev))
     monkeypatch.setattr(_file_sys, "fallocate", disk(real_fallocate))

@@ -84,6 +84,9 @@ _preadv = os.preadv
 _pwritev = os.pwritev
 #: Without flags, pwrite: no iovec list to build (0.25 µs of a 4 KiB write's ~2).
 _pwrite = os.pwrite
+_pread = os.pread
+#: Reads up to this size skip the buffer pool where they can (see read_nowait).
+SMALL_READ = 16 << 10
 _RWF_NOWAIT = os.RWF_NOWAIT
 _RWF_DSYNC = os.RWF_DSYNC
 _FUA = ReqFlags.FUA
@@ -312,6 +315,11 @@ class FileDriver(Driver):
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
         if length > NOWAIT_MAX or not self._nowait_reads:
             return None
+        if length <= SMALL_READ and not self._rwf_nowait:
+            # A memory filesystem, where nothing waits for a disk: a small read into a new
+            # bytes object costs 0.5 µs less than a pooled buffer (4 KiB: 1.43 vs 1.95 µs).
+            data = _pread(self.fd, length, offset)
+            return data if len(data) == length else None
         buf = self._pool.take(length)
         try:
             if _preadv(self.fd, [buf], offset, self._rwf_nowait) == length:

@@ -246,19 +246,20 @@ async def test_read_of_a_file_that_shrank_reads_zeros_past_the_end(
 async def test_read_buffers_are_page_aligned_and_recycled_once_dropped(
     drv: FileDriver, img: Path
 ) -> None:
-    expected = img.read_bytes()[:4096]
-    first = drv.read_nowait(0, 4096)
-    second = drv.read_nowait(0, 4096)
+    n = 65536  # above SMALL_READ: pooled on every filesystem (tmpfs reads 4 KiB with pread)
+    expected = img.read_bytes()[:n]
+    first = drv.read_nowait(0, n)
+    second = drv.read_nowait(0, n)
     assert isinstance(first, memoryview) and isinstance(second, memoryview)
     assert first.obj is not second.obj
     assert address(first) % mmap.PAGESIZE == 0
     second_id = id(second.obj)
     del second  # the caller is done with it: the pool may hand it out again
-    third = drv.read_nowait(0, 4096)
+    third = drv.read_nowait(0, n)
     assert isinstance(third, memoryview) and id(third.obj) == second_id
     view = third[100:200]  # a view, even of a slice, keeps it busy
     del third
-    fourth = drv.read_nowait(0, 4096)
+    fourth = drv.read_nowait(0, n)
     assert isinstance(fourth, memoryview)
     assert fourth.obj is not first.obj and id(fourth.obj) != second_id
     assert bytes(view) == expected[100:200]  # untouched by the later reads

@@ -321,34 +321,29 @@ class FileDriver(Driver):
             data = _pread(self.fd, length, offset)
             return data if len(data) == length else None
         buf = self._pool.take(length)
-        try:
-            if _preadv(self.fd, [buf], offset, self._rwf_nowait) == length:
-                return buf
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            if exc.errno not in _GONE:
-                raise
-            # This filesystem can't do non-blocking buffered reads: stop asking.
-            self._nowait_reads = False
-        # Not cached, or a short read (partly cached, or the file shrank): read() decides.
-        return None
+        return buf if self._read_cached(buf, offset) else None
 
     def read_unlocked(self, offset: int, length: int, unlock: Unlocker) -> Buffer | None:
         if length > NOWAIT_MAX or not self._nowait_reads:
             return None
         buf = self._pool.take(length)  # the pool is not thread-safe: before letting go
-        done = -1
-        with unlock:  # only the descriptor and the caller's buffer are touched
-            try:
-                done = _preadv(self.fd, [buf], offset, self._rwf_nowait)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                if exc.errno not in _GONE:
-                    raise
-        # Not cached, short, or RWF_NOWAIT refused: read_nowait() sorts that out.
-        return buf if done == length else None
+        with unlock:  # only the descriptor, the caller's buffer and a flag are touched
+            cached = self._read_cached(buf, offset)
+        return buf if cached else None
+
+    def _read_cached(self, buf: memoryview, offset: int) -> bool:
+        """Fill ``buf`` from the page cache without waiting for the disk; False if not all
+        of it is cached (partly cached, or the file shrank: read() decides)."""
+        try:
+            return _preadv(self.fd, [buf], offset, self._rwf_nowait) == len(buf)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise
+            # This filesystem can't do non-blocking buffered reads: stop asking.
+            self._nowait_reads = False
+            return False
 
     async def read(self, offset: int, length: int) -> Buffer:
         buf = self._pool.take(length)

@@ -27,8 +27,8 @@ def raw_image(tmp_path: Path) -> str:
 
 def test_qemu_nbd_defaults(raw_image: str) -> None:
     config, warnings = parse("-f", "raw", raw_image)
-    assert config.blockdevs == [{"driver": "raw", "node-name": "disk0",
-                                 "file": {"driver": "file", "filename": raw_image}}]
+    # A raw image without a window is served by its file node alone: no pass-through layer.
+    assert config.blockdevs == [{"driver": "file", "filename": raw_image, "node-name": "disk0"}]
     (export,) = config.exports
     assert (export.name, export.node_name, export.writable) == ("", "disk0", True)
     # qemu-nbd: one client, exit after it leaves, TCP 10809 on all addresses.
@@ -39,7 +39,7 @@ def test_qemu_nbd_defaults(raw_image: str) -> None:
 
 def test_probing_warns_for_writable_raw_only(raw_image: str, tmp_path: Path) -> None:
     config, warnings = parse(raw_image)
-    assert config.blockdevs[0]["driver"] == "raw"
+    assert config.blockdevs[0]["driver"] == "file"
     assert len(warnings) == 1 and "probing guessed raw" in warnings[0]
     assert parse("-r", raw_image)[1] == []
     qcow2 = tmp_path / "x.qcow2"
@@ -55,12 +55,22 @@ def test_flags_map_to_node_and_export_options(raw_image: str) -> None:
     top = config.blockdevs[0]
     assert top["read-only"] is True and top["discard"] == "unmap"
     assert top["detect-zeroes"] == "unmap" and top["cache.direct"] is True
-    assert top["file"]["aio"] == "native" and top["file"]["read-only"] is True
+    assert top["driver"] == "file" and top["aio"] == "native"
     (export,) = config.exports
     assert (export.name, export.description, export.writable) == ("disk", "a disk", False)
     assert export.writethrough and export.allocation_depth
     assert config.listen == ListenSpec(unix_path="/tmp/x.sock")
     assert config.persistent and config.max_connections == 4
+
+
+def test_format_node_options_go_to_its_file_child(tmp_path: Path) -> None:
+    qcow2 = tmp_path / "x.qcow2"
+    qcow2.write_bytes(b"QFI\xfb" + b"\0" * 508)
+    config, _ = parse("-r", "--aio", "native", "--cache", "none", str(qcow2))
+    top = config.blockdevs[0]
+    assert top["driver"] == "qcow2" and top["read-only"] is True
+    assert top["file"] == {"driver": "file", "filename": str(qcow2), "cache.direct": True,
+                           "aio": "native", "read-only": True}
 
 
 def test_cache_unsafe_ignores_flushes(raw_image: str) -> None:

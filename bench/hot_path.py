@@ -72,9 +72,9 @@ async def measure(count: int, repeat: int, directory: str) -> list[tuple[str, fl
     fd, path = tempfile.mkstemp(dir=directory, suffix=".img")
     try:
         os.write(fd, os.urandom(IMAGE))
-        graph = await open_graph([{"driver": "file", "node-name": "f", "filename": path},
-                                  {"driver": "raw", "node-name": "r", "file": "f"}])
-        (export,) = attach_exports(graph, [ExportSpec(name="", node_name="r", writable=True)],
+        # As `nbdserve -f raw IMAGE` serves it: the file node alone.
+        graph = await open_graph([{"driver": "file", "node-name": "f", "filename": path}])
+        (export,) = attach_exports(graph, [ExportSpec(name="", node_name="f", writable=True)],
                                    multi_conn_allowed=True)
         flags = export.info.flags | TransmissionFlag.HAS_FLAGS
         session = Session(export.info, flags, structured=True, extended=False)

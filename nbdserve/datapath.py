@@ -222,6 +222,8 @@ class ThreadedLoop:
 
     def _loop(self) -> None:
         conn, lock, sock = self.conn, self.lock, self.sock
+        # Once per pass: the bare lock's methods, the GraphLock method only when contended.
+        try_acquire, release = lock.lock.acquire, lock.lock.release
         tx = conn._tx
         serve_now, dispatch = conn._serve_now, self._dispatch
         unlock = Unlocker(lock, self.token)
@@ -287,7 +289,7 @@ class ThreadedLoop:
             if self._aborted or (not reading and not self._pending and not out):
                 return
             # Everything below may block: the lock goes.
-            lock.release()
+            release()
             try:
                 if out:
                     self._send(out)
@@ -333,7 +335,8 @@ class ThreadedLoop:
                         flags = socket.MSG_WAITALL if payload is not None else 0
                         received = sock.recv_into(target, 0, flags)
             finally:
-                lock.acquire()
+                if not try_acquire(False):
+                    lock.acquire()
             after_payload = payload is not None
             if payload is not None:
                 payload.release()  # the pool reuses a buffer only once no view of it is left
@@ -365,5 +368,12 @@ class ThreadedLoop:
         """Write every buffer, in order, completely (blocking)."""
         sock = self.sock
         pending = buffers
+        if len(buffers) <= IOV_MAX:
+            # One call nearly always takes everything (a blocking sendmsg returns early
+            # only when a signal cuts it short): summing is cheaper than unsent().
+            sent = sock.sendmsg(buffers)
+            if sent == sum(map(len, buffers)):
+                return
+            pending = unsent(buffers, sent)
         while pending:
             pending = unsent(pending, sock.sendmsg(pending[:IOV_MAX]))

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from nbdserve.block.io import Unlocker
 from nbdserve.commands import HANDLERS, CommandContext
 from nbdserve.config import ExportSpec
 from nbdserve.datapath import PASS_MAX_REQUESTS, SEND_BATCH_BYTES, ThreadedLoop, graph_lock
+from nbdserve.transport import IOV_MAX
 from nbdserve.types import Buffer
 from protocol import Cmd, CmdFlag, Request
 
@@ -267,6 +269,31 @@ async def test_a_pass_serves_a_bounded_number_of_requests(
             assert (await client.wait(i + 1000)).data() == b"z"
     assert sum(batches) == 2 * count
     assert max(batches) <= 2 * PASS_MAX_REQUESTS
+
+
+class ShortSock:
+    """sendmsg takes at most ``cap`` bytes per call, as when a signal cuts it short."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.calls, self.got = cap, 0, bytearray()
+
+    def sendmsg(self, buffers: list[Buffer]) -> int:
+        assert len(buffers) <= IOV_MAX
+        self.calls += 1
+        data = b"".join(bytes(b) for b in buffers)[: self.cap]
+        self.got += data
+        return len(data)
+
+
+def test_send_finishes_what_a_short_sendmsg_left() -> None:
+    sock = ShortSock(cap=5)
+    ThreadedLoop._send(SimpleNamespace(sock=sock),  # type: ignore[arg-type]
+                       [b"abc", memoryview(b"defgh"), b"ij", b"klmnopq"])
+    assert sock.got == b"abcdefghijklmnopq" and sock.calls == 4
+    many = ShortSock(cap=1 << 20)  # more buffers than one sendmsg takes
+    ThreadedLoop._send(SimpleNamespace(sock=many),  # type: ignore[arg-type]
+                       [bytes([i % 256]) for i in range(IOV_MAX + 10)])
+    assert many.got == bytes(i % 256 for i in range(IOV_MAX + 10)) and many.calls == 2
 
 
 class Gate:

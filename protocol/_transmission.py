@@ -85,6 +85,7 @@ ReadPiece = tuple[int, Buffer] | tuple[int, int]
 _CMD_BY_VALUE: dict[int, Cmd] = {int(c): c for c in Cmd}
 _FLAGS_BY_VALUE: dict[int, CmdFlag] = {v: CmdFlag(v) for v in range(int(max(CmdFlag)) * 2)}
 _DONE = int(ReplyFlag.DONE)
+_pack_simple = wire.SIMPLE_REPLY.pack
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 _WRITE = int(Cmd.WRITE)  # READ is 0
 
@@ -438,7 +439,7 @@ class ServerTransmission:
             return wire.EXTENDED_CHUNK_HEADER.pack(
                 EXTENDED_REPLY_MAGIC, _DONE, ReplyType.NONE, plain[2], plain[3], 0
             )
-        return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, plain[2])
+        return _pack_simple(SIMPLE_REPLY_MAGIC, 0, plain[2])
 
     def reply_read_plain(self, plain: PlainRequest, data: Buffer) -> list[Buffer]:
         """:meth:`reply_read` for a READ from :meth:`next_plain`."""

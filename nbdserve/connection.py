@@ -20,7 +20,7 @@ import logging
 import math
 import ssl
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import structlog
 import trio
@@ -56,7 +56,7 @@ from .exports import MAX_PAYLOAD, Catalogue, Export
 from .log import get_logger
 from .stats import ConnectionStats
 from .transport import SocketTransport, StreamTransport, Transport
-from .types import Buffer
+from .types import Buffer, FileRange, Outgoing
 
 #: One receive call asks for this much: many small requests, or a whole 1 MiB write.
 RECV_SIZE = 1 << 20
@@ -146,12 +146,14 @@ class Connection:
         self._in_transmission = False
         # Reply writing: one sender at a time; others queue behind it (see _send).
         self._sending = False
-        self._queued: list[Buffer] = []
+        self._queued: list[Outgoing] = []
         self._queue_sent = trio.Event()
         self._slots = trio.Semaphore(max_in_flight)
         # Payload bytes of this connection's request tasks, against the server's budget.
         self.budget = budget if budget is not None else PayloadBudget()
         self.in_flight_bytes = 0
+        # FileRanges _serve_now put in its caller's list since the caller last looked.
+        self.file_ranges = 0
         # Set while a ThreadedLoop serves this connection: request tasks post replies to it.
         self._threaded: ThreadedLoop | None = None
         self._tx: ServerTransmission
@@ -323,7 +325,7 @@ class Connection:
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         tx, transport, slots = self._tx, self.transport, self._slots
         serve_now = self._serve_now
-        out: list[Buffer] = []
+        out: list[Outgoing] = []
         pending = gathered = gather_skip = served = 0
         while True:
             while True:
@@ -402,13 +404,15 @@ class Connection:
                 tx.receive_data(await transport.receive(RECV_SIZE))
 
     def _serve_now(
-        self, event: PlainRequest | Request, out: list[Buffer], unlock: Unlocker | None = None
+        self, event: PlainRequest | Request, out: list[Outgoing], unlock: Unlocker | None = None
     ) -> int | Request:
         """Answer at once what can be, for both transmission loops: a request that failed
         validation, or a valid READ or WRITE (plain fields from ``next_plain``: no request
         object on the hot path) that the block layer completes without waiting. The reply
         goes to ``out``; returns its bytes, or the Request that needs a task. A connection
-        thread passes ``unlock``: large writes then copy without the graph lock."""
+        thread passes ``unlock``: large writes then copy without the graph lock, and large
+        reads of a file in memory go out with ``sendfile`` (a :class:`FileRange` in ``out``,
+        counted in ``file_ranges``)."""
         if isinstance(event, Request):
             if event.error is not None:
                 return self._refuse(event, out)
@@ -425,6 +429,14 @@ class Connection:
             if cmd == _READ:
                 buf = None
                 if unlock is not None and length >= UNLOCKED_MIN:
+                    where = ctx.child.read_splice(offset, length)
+                    if where is not None:
+                        stats.bytes_read += length
+                        head = self._tx.reply_read_head_plain(plain)
+                        out.append(head)
+                        out.append(FileRange(where[0], where[1], length))
+                        self.file_ranges += 1
+                        return len(head) + length
                     buf = ctx.child.read_unlocked(offset, length, unlock)
                 if buf is None:
                     buf = ctx.child.read_nowait(offset, length)
@@ -453,7 +465,7 @@ class Connection:
             return len(reply)
         return self._tx.as_request(plain)
 
-    def _refuse(self, request: Request, out: list[Buffer]) -> int:
+    def _refuse(self, request: Request, out: list[Outgoing]) -> int:
         """Answer a request that failed the protocol's validation; returns the bytes appended."""
         stats = self.stats
         stats.count_other(request.cmd)
@@ -511,7 +523,7 @@ class Connection:
                             length=request.length, error=error.name, message=message)
         return self._tx.reply(request, error, message)
 
-    async def _send(self, buffers: list[Buffer] | Sequence[Buffer]) -> None:
+    async def _send(self, buffers: Sequence[Outgoing]) -> None:
         """Write whole replies; return once they are on the wire.
 
         Replies that finish while a send is in progress are gathered and go out together in
@@ -526,11 +538,12 @@ class Connection:
             return
         self._sending = True
         try:
-            await self.transport.send(buffers)
+            # FileRanges come only from a connection thread, which sends its own replies.
+            await self.transport.send(cast("Sequence[Buffer]", buffers))
             while self._queued:
                 batch, sent = self._queued, self._queue_sent
                 self._queued, self._queue_sent = [], trio.Event()
-                await self.transport.send(batch)
+                await self.transport.send(cast("Sequence[Buffer]", batch))
                 sent.set()
         except OSError as e:
             if self.end_reason in ("eof", "disconnect"):

@@ -26,14 +26,14 @@ import select
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import trio
 
 from protocol import NEED_DATA, Disconnect, RemoteProtocolError, Request
 
 from .transport import IOV_MAX, unsent
-from .types import Buffer
+from .types import Buffer, FileRange, Outgoing
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -233,7 +233,7 @@ class ThreadedLoop:
         waiting.register(self._wake, select.POLLIN)
         replies_only = select.poll()
         replies_only.register(self._wake, select.POLLIN)
-        out: list[Buffer] = []
+        out: list[Outgoing] = []
         pending_bytes = 0
         held: Request | None = None  # a request waiting for a slot or payload budget
         fatal: RemoteProtocolError | None = None
@@ -280,19 +280,27 @@ class ThreadedLoop:
                 elif conn._stopping:
                     conn.end_reason = "shutdown"
             if fatal is not None:  # answer what was served, then end the connection
+                files, conn.file_ranges = conn.file_ranges, 0
                 lock.release()
                 try:
-                    self._send(out)
+                    if files:
+                        self._send_files(out)
+                    else:
+                        self._send(out)
                 finally:
                     lock.acquire()
                 raise fatal
             if self._aborted or (not reading and not self._pending and not out):
                 return
             # Everything below may block: the lock goes.
+            files, conn.file_ranges = conn.file_ranges, 0
             release()
             try:
                 if out:
-                    self._send(out)
+                    if files:
+                        self._send_files(out)
+                    else:
+                        self._send(out)
                     out, pending_bytes = [], 0
                 if not reading or held is not None or self._pending >= max_in_flight:
                     if self._pending:
@@ -364,9 +372,35 @@ class ThreadedLoop:
         start: Callable[..., object] = self.nursery.start_soon
         self.token.run_sync_soon(self._task_context.run, start, conn._serve_later, request, cost)
 
-    def _send(self, buffers: list[Buffer]) -> None:
-        """Write every buffer, in order, completely (blocking)."""
+    def _send_files(self, items: list[Outgoing]) -> None:
+        """:meth:`_send` for replies that carry FileRange items: the buffers before
+        each range go out with ``sendmsg``, the range with ``sendfile`` (no copy through
+        Python; from a file in memory the pages themselves are queued on the socket)."""
         sock = self.sock
+        start = 0
+        for i, item in enumerate(items):
+            if type(item) is FileRange:
+                if start < i:
+                    self._send(items[start:i])
+                start = i + 1
+                fd, offset, left = item.fd, item.offset, item.length
+                while left:
+                    sent = os.sendfile(sock.fileno(), fd, offset, left)
+                    if not sent:
+                        # The file shrank under us since the header went out: what is gone
+                        # reads as zeros, as a hole would.
+                        self._send([bytes(left)])
+                        break
+                    offset += sent
+                    left -= sent
+        if start < len(items):
+            self._send(items[start:])
+
+    def _send(self, items: list[Outgoing]) -> None:
+        """Write every buffer, in order, completely (blocking); ``items`` holds no
+        FileRange (then :meth:`_send_files`)."""
+        sock = self.sock
+        buffers = cast("list[Buffer]", items)
         pending = buffers
         if len(buffers) <= IOV_MAX:
             # One call nearly always takes everything (a blocking sendmsg returns early

@@ -444,22 +444,25 @@ class ServerTransmission:
     def reply_read_plain(self, plain: PlainRequest, data: Buffer) -> list[Buffer]:
         """:meth:`reply_read` for a READ from :meth:`next_plain`."""
         size = len(data) if not isinstance(data, memoryview) else data.nbytes
-        length = plain[4]
-        if size != length or not size:
+        if size != plain[4] or not size:
             return self.reply_read(self.as_request(plain), data)
+        return [self.reply_read_head_plain(plain), data]
+
+    def reply_read_head_plain(self, plain: PlainRequest) -> bytes:
+        """What precedes the data of a whole successful READ from :meth:`next_plain` (of at
+        least one byte): the caller sends all ``length`` bytes right after it, for instance
+        with ``sendfile`` from the file that holds them."""
+        cookie, offset, length = plain[2], plain[3], plain[4]
         if not self._structured:
-            return [wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, plain[2]), data]
-        offset = plain[3]
+            return _pack_simple(SIMPLE_REPLY_MAGIC, 0, cookie)
         if self._extended:
-            head = wire.EXTENDED_CHUNK_HEADER_OFFSET.pack(
-                EXTENDED_REPLY_MAGIC, _DONE, ReplyType.OFFSET_DATA, plain[2],
-                offset, size + 8, offset,
+            return wire.EXTENDED_CHUNK_HEADER_OFFSET.pack(
+                EXTENDED_REPLY_MAGIC, _DONE, ReplyType.OFFSET_DATA, cookie,
+                offset, length + 8, offset,
             )  # fmt: skip
-        else:
-            head = wire.CHUNK_HEADER_OFFSET.pack(
-                STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.OFFSET_DATA, plain[2], size + 8, offset
-            )
-        return [head, data]
+        return wire.CHUNK_HEADER_OFFSET.pack(
+            STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.OFFSET_DATA, cookie, length + 8, offset
+        )
 
     def reply_read_chunks(
         self, request: Request, pieces: Sequence[ReadPiece], *, done: bool = True

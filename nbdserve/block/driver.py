@@ -140,6 +140,7 @@ class Driver:
     # write_nowait(offset, data, flags) -> bool             (sync: False = "would block")
     # read_unlocked(offset, length, unlock) -> Buffer | None (sync, see below)
     # write_unlocked(offset, data, unlock) -> bool          (sync, see below)
+    # read_splice(offset, length) -> (fd, offset) | None    (sync, see below)
     # zero(offset, length, flags) -> None                   (async; OSError(ENOTSUP) = "fall back")
     # discard(offset, length) -> None                       (async)
     # flush() -> None                                       (async)
@@ -168,6 +169,13 @@ class Driver:
     # request, raises OSError, or declines (None / False) and the generic layer takes
     # another path.
     #
+    # ``read_splice`` says where a large aligned read's bytes lie in a file whose pages are
+    # always in memory (tmpfs), so that a connection thread sends them with ``sendfile``
+    # (no copy through Python) once it has let the lock go: a descriptor that stays open
+    # while the node is, and an offset. None when they are not all there to be sent as they
+    # are; a range that starts in a hole also says None, so that a sparse read still finds
+    # its holes.
+    #
     # Their signatures, for drivers to copy:
 
     if TYPE_CHECKING:
@@ -178,6 +186,7 @@ class Driver:
         def write_nowait(self, offset: int, data: Buffer, flags: ReqFlags) -> bool: ...
         def read_unlocked(self, offset: int, length: int, unlock: Unlocker) -> Buffer | None: ...
         def write_unlocked(self, offset: int, data: Buffer, unlock: Unlocker) -> bool: ...
+        def read_splice(self, offset: int, length: int) -> tuple[int, int] | None: ...
         async def zero(self, offset: int, length: int, flags: ReqFlags) -> None: ...
         async def discard(self, offset: int, length: int) -> None: ...
         async def flush(self) -> None: ...

@@ -195,6 +195,34 @@ class Child:
             st.read_bytes += length
         return buf
 
+    def read_splice(self, offset: int, length: int) -> tuple[int, int] | None:
+        """Where an aligned read's bytes lie, for a caller that sends them with
+        ``sendfile``: a file descriptor and an offset in it. Only a chain of generic edges
+        down to a driver with ``read_splice`` (a file in memory) answers; anything else
+        returns None: then ``read_nowait`` or ``read``. The bytes are read only as they are
+        sent: a write that runs in between may show in the reply, as it may between any two
+        requests in flight at once."""
+        node = self.node
+        rd = node._drv_read_splice
+        if not (
+            rd is not None
+            and offset >= 0
+            and 0 < length <= node._read_max
+            and offset + length <= node._size
+            and not (offset | length) & node._align_mask
+        ):
+            return None
+        try:
+            where = rd(offset, length)
+        except OSError as exc:
+            node.stats.error(exc)
+            raise
+        if where is not None:
+            st = node.stats
+            st.read_ops += 1
+            st.read_bytes += length
+        return where
+
     def _read_nowait_padded(self, offset: int, length: int) -> Buffer | None:
         node = self.node
         if offset < 0 or length < 0 or offset + length > node._size:

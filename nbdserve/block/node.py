@@ -99,6 +99,7 @@ class Node:
         self._drv_write: Callable[[int, Buffer, ReqFlags], Awaitable[None]] | None = None
         self._drv_write_unlocked: Callable[[int, Buffer, Unlocker], bool] | None = None
         self._drv_read_unlocked: Callable[[int, int, Unlocker], Buffer | None] | None = None
+        self._drv_read_splice: Callable[[int, int], tuple[int, int] | None] | None = None
         self._drv_zero: Callable[[int, int, ReqFlags], Awaitable[None]] | None = None
         self._drv_discard: Callable[[int, int], Awaitable[None]] | None = None
         self._drv_flush: Callable[[], Awaitable[None]] | None = None
@@ -216,6 +217,7 @@ class Node:
         self._drv_truncate = bind("truncate")
         self._drv_write_unlocked = bind("write_unlocked")
         self._drv_read_unlocked = bind("read_unlocked")
+        self._drv_read_splice = bind("read_splice")
         if filtered is not None:
             self._bind_passthrough(filtered)
         same = drv.same_offsets()
@@ -224,6 +226,7 @@ class Node:
             self._drv_write_nowait = same.write_nowait
             self._drv_write_unlocked = same.write_unlocked
             self._drv_read_unlocked = same.read_unlocked
+            self._drv_read_splice = same.read_splice
         if self._drv_read is None:
             raise GraphError.at(self.name, None, f"driver '{self.driver_name}' cannot read")
 
@@ -234,6 +237,7 @@ class Node:
             if self._drv_read_nowait is None:
                 self._drv_read_nowait = child.read_nowait
                 self._drv_read_unlocked = child.read_unlocked
+                self._drv_read_splice = child.read_splice
         if self._drv_write is None:
             self._drv_write = child.write
             if self._drv_write_nowait is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,26 @@ def test_nbdcopy_in_and_out(serve: ServeFactory, make_image: ImageFactory,
     assert out2.read_bytes() == expected
     server.stop()
     assert target.read_bytes() == expected
+
+
+def test_copy_out_of_an_image_in_memory(serve: ServeFactory, tmp_path: Path) -> None:
+    # On a memory filesystem nbdserve sends reads of 64 KiB or more with sendfile; a read
+    # that starts in a hole is still answered with holes (the image has both).
+    rng = random.Random(11)
+    data = {0: rng.randbytes(5 * MiB + 4096), 9 * MiB + 65536: rng.randbytes(3 * MiB)}
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        src = Path(shm) / "disk.img"
+        with open(src, "wb") as f:
+            f.truncate(16 * MiB)
+            for offset, chunk in data.items():
+                f.seek(offset)
+                f.write(chunk)
+        server = serve("-f", "raw", "-r", str(src))
+        out = tmp_path / "copied-out.img"
+        run(["nbdcopy", "--no-extents", server.uri(), str(out)], server=server)
+        assert out.read_bytes() == src.read_bytes()
+        run(["qemu-img", "compare", "-f", "raw", str(src), server.uri()], server=server)
+        server.stop()
 
 
 def test_nbdcopy_between_two_exports(serve: ServeFactory, make_image: ImageFactory) -> None:

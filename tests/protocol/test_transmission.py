@@ -847,6 +847,9 @@ def test_next_plain_equals_next_event(mode: str) -> None:
         if request.cmd is Cmd.READ:
             data = bytes(request.length)
             assert by_plain.reply_read_plain(g, data) == by_plain.reply_read(request, data)
+            if request.length:  # the header alone, for data sent some other way
+                head = by_plain.reply_read_head_plain(g)
+                assert [head, data] == by_plain.reply_read(request, data)
         else:
             assert by_plain.reply_ok_plain(g) == by_plain.reply(request)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +24,7 @@ from nbdserve.commands import HANDLERS, CommandContext
 from nbdserve.config import ExportSpec
 from nbdserve.datapath import PASS_MAX_REQUESTS, SEND_BATCH_BYTES, ThreadedLoop, graph_lock
 from nbdserve.transport import IOV_MAX
-from nbdserve.types import Buffer
+from nbdserve.types import Buffer, FileRange
 from protocol import Cmd, CmdFlag, Request
 
 from .harness import MiB, Running, start_server
@@ -294,6 +296,73 @@ def test_send_finishes_what_a_short_sendmsg_left() -> None:
     ThreadedLoop._send(SimpleNamespace(sock=many),  # type: ignore[arg-type]
                        [bytes([i % 256]) for i in range(IOV_MAX + 10)])
     assert many.got == bytes(i % 256 for i in range(IOV_MAX + 10)) and many.calls == 2
+
+
+@pytest.fixture
+def shm_image() -> Iterator[Path]:
+    """8 MiB on a memory filesystem: distinct bytes in [0, 6 MiB), a hole after."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        path = Path(tmp) / "disk.img"
+        with open(path, "wb") as f:
+            f.write(bytes(range(256)) * (6 * MiB // 256 - 1) + b"\x5a" * 256)
+            f.truncate(8 * MiB)
+        yield path
+
+
+@pytest.mark.parametrize("structured", [False, True])
+async def test_large_reads_of_a_file_in_memory_go_out_with_sendfile(
+        nursery: trio.Nursery, tmp_path: Path, shm_image: Path,
+        monkeypatch: pytest.MonkeyPatch, structured: bool) -> None:
+    sent: list[int] = []
+    sendfile = os.sendfile
+
+    def counting(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        sent.append(count)
+        return sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    srv = await start_server(
+        nursery, tmp_path,
+        blockdevs=[{"driver": "file", "node-name": "f", "filename": str(shm_image)}],
+        exports=[ExportSpec(name="", node_name="f", writable=True)])
+    client = await srv.connect(structured=structured)
+    image = shm_image.read_bytes()
+    # Pipelined, so that small replies and spliced ones share a batch and keep their order.
+    reads = [(0, 4096), (MiB, MiB), (4096, 65536), (3 * MiB, 256 << 10), (5 * MiB, 512),
+             (6 * MiB - 65536, 65536)]
+    with trio.fail_after(10):
+        cookies = [await client.send(Cmd.READ, offset, length) for offset, length in reads]
+        write = await client.send(Cmd.WRITE, 7 * MiB, data=b"\x77" * 4096)
+        for (offset, length), cookie in zip(reads, cookies, strict=True):
+            reply = await client.wait(cookie)
+            assert reply.error == 0 and reply.data() == image[offset:offset + length]
+            assert not reply.holes
+        assert (await client.wait(write)).error == 0
+    assert sorted(sent) == [65536, 65536, 256 << 10, MiB]  # the reads of 64 KiB or more
+    assert shm_image.read_bytes()[7 * MiB:7 * MiB + 4096] == b"\x77" * 4096
+    # A read that starts in the hole is not spliced: structured, it comes as a hole.
+    hole = await client.request(Cmd.READ, 6 * MiB + 65536, 512 << 10)
+    assert hole.data() == bytes(512 << 10) and len(sent) == 4
+    assert hole.holes == ([(6 * MiB + 65536, 512 << 10)] if structured else [])
+
+
+def test_a_file_that_shrank_is_sent_as_zeros_past_its_end(tmp_path: Path) -> None:
+    # The header promised the bytes before sendfile found the file shorter: the rest goes
+    # out as zeros, and the stream stays in step.
+    path = tmp_path / "short"
+    path.write_bytes(b"\x11" * 1000)
+    a, b = socket.socketpair()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        loop = SimpleNamespace(sock=a)
+        loop._send = lambda items: ThreadedLoop._send(loop, items)  # type: ignore[attr-defined]
+        ThreadedLoop._send_files(loop, [b"head", FileRange(fd, 500, 4000), b"tail"])  # type: ignore[arg-type]
+        a.close()
+        got = b"".join(iter(lambda: b.recv(65536), b""))
+        assert got == b"head" + b"\x11" * 500 + bytes(3500) + b"tail"
+    finally:
+        os.close(fd)
+        b.close()
 
 
 class Gate:

@@ -229,8 +229,8 @@ class FileDriver(Driver):
         if self.direct:
             # Nothing direct is cheap enough for the event loop, and there is no page
             # cache for a prefetch to fill.
-            self._withdraw("read_nowait", "read_unlocked", "write_nowait", "write_unlocked",
-                           "cache")
+            self._withdraw("read_nowait", "read_unlocked", "read_splice", "write_nowait",
+                           "write_unlocked", "cache")
         if self.read_only:
             self._withdraw("write_nowait", "write_unlocked", "write", "zero", "discard",
                            "truncate")
@@ -332,6 +332,19 @@ class FileDriver(Driver):
         with unlock:  # only the descriptor, the caller's buffer and a flag are touched
             cached = self._read_cached(buf, offset)
         return buf if cached else None
+
+    def read_splice(self, offset: int, length: int) -> tuple[int, int] | None:
+        # Only in memory: sendfile from a disk file would block this connection on a miss.
+        # A range that starts in a hole goes the way that finds its holes (a sparse read);
+        # SEEK_DATA answers at once when the first page is there.
+        if not self._memory_fs:
+            return None
+        try:
+            return (self.fd, offset) if os.lseek(self.fd, offset, os.SEEK_DATA) == offset else None
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after offset
+                return None
+            raise
 
     def _read_cached(self, buf: memoryview, offset: int) -> bool:
         """Fill ``buf`` from the page cache without waiting for the disk; False if not all

@@ -380,8 +380,8 @@ class ThreadedLoop:
         start = 0
         for i, item in enumerate(items):
             if type(item) is FileRange:
-                if start < i:
-                    self._send(items[start:i])
+                if start < i:  # over TCP, the header waits to leave with the data
+                    self._send(items[start:i], socket.MSG_MORE)
                 start = i + 1
                 fd, offset, left = item.fd, item.offset, item.length
                 while left:
@@ -396,7 +396,7 @@ class ThreadedLoop:
         if start < len(items):
             self._send(items[start:])
 
-    def _send(self, items: list[Outgoing]) -> None:
+    def _send(self, items: list[Outgoing], flags: int = 0) -> None:
         """Write every buffer, in order, completely (blocking); ``items`` holds no
         FileRange (then :meth:`_send_files`)."""
         sock = self.sock
@@ -405,9 +405,9 @@ class ThreadedLoop:
         if len(buffers) <= IOV_MAX:
             # One call nearly always takes everything (a blocking sendmsg returns early
             # only when a signal cuts it short): summing is cheaper than unsent().
-            sent = sock.sendmsg(buffers)
+            sent = sock.sendmsg(buffers, (), flags)
             if sent == sum(map(len, buffers)):
                 return
             pending = unsent(buffers, sent)
         while pending:
-            pending = unsent(pending, sock.sendmsg(pending[:IOV_MAX]))
+            pending = unsent(pending, sock.sendmsg(pending[:IOV_MAX], (), flags))

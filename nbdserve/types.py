@@ -8,7 +8,8 @@ Buffer = bytes | bytearray | memoryview
 
 class FileRange:
     """Bytes of a file that a reply carries as they are, sent with ``os.sendfile`` (only a
-    connection thread sends these; see datapath.py)."""
+    connection thread sends these; see datapath.py). The descriptor is the node's own: it
+    stays open because a node outlives every request made of it."""
 
     __slots__ = ("fd", "length", "offset")
 

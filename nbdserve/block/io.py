@@ -199,9 +199,10 @@ class Child:
         """Where an aligned read's bytes lie, for a caller that sends them with
         ``sendfile``: a file descriptor and an offset in it. Only a chain of generic edges
         down to a driver with ``read_splice`` (a file in memory) answers; anything else
-        returns None: then ``read_nowait`` or ``read``. The bytes are read only as they are
-        sent: a write that runs in between may show in the reply, as it may between any two
-        requests in flight at once."""
+        returns None: then ``read_nowait`` or ``read``. The bytes are taken only as they
+        are sent, and from a file in memory the socket may hold the file's pages themselves
+        until the client has read them: a write that runs meanwhile may show in the reply,
+        as it may between any two requests in flight at once."""
         node = self.node
         rd = node._drv_read_splice
         if not (

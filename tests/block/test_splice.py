@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from nbdserve.block import Child, Graph, Perm, open_graph
+from nbdserve.block.drivers._file_sys import is_memory_fs
 
 MiB = 1 << 20
 RW = Perm.CONSISTENT_READ | Perm.WRITE
@@ -68,11 +69,21 @@ async def test_a_range_that_starts_in_a_hole_is_left_to_the_sparse_read(shm: Pat
 
 
 @pytest.mark.parametrize("why", ["disk", "memory-driver", "direct", "copy-on-read", "window",
-                                 "out-of-range"])
+                                 "filter", "out-of-range"])
 async def test_anything_else_declines(shm: Path, tmp_path: Path, why: str) -> None:
     offset, length = MiB, len(DATA)
     if why == "disk":  # sendfile from a disk file would block the thread on a miss
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            if is_memory_fs(fd):
+                pytest.skip(f"{tmp_path} is on a memory filesystem here")
+        finally:
+            os.close(fd)
         graph, child = await _raw_over_file(tmp_path)
+    elif why == "filter":  # a driver with reads of its own (here: error injection) decides
+        graph, _ = await _raw_over_file(shm)
+        await graph.add({"driver": "blkdebug", "node-name": "dbg", "image": "r"})
+        child = graph.attach("dbg", perm=RW, shared=SHARE, user="test")
     elif why == "memory-driver":
         graph = await open_graph([{"driver": "memory", "node-name": "r", "size": 4 * MiB}])
         child = graph.attach("r", perm=RW, shared=SHARE, user="test")

@@ -115,11 +115,13 @@ def test_copy_out_of_an_image_in_memory(serve: ServeFactory, tmp_path: Path) -> 
                 f.seek(offset)
                 f.write(chunk)
         server = serve("-f", "raw", "-r", str(src))
-        out = tmp_path / "copied-out.img"
-        run(["nbdcopy", "--no-extents", server.uri(), str(out)], server=server)
-        assert out.read_bytes() == src.read_bytes()
-        run(["qemu-img", "compare", "-f", "raw", str(src), server.uri()], server=server)
-        server.stop()
+        try:
+            out = tmp_path / "copied-out.img"
+            run(["nbdcopy", "--no-extents", server.uri(), str(out)], server=server)
+            assert out.read_bytes() == src.read_bytes()
+            run(["qemu-img", "compare", "-f", "raw", str(src), server.uri()], server=server)
+        finally:
+            server.stop()
 
 
 def test_nbdcopy_between_two_exports(serve: ServeFactory, make_image: ImageFactory) -> None:

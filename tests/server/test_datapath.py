@@ -279,7 +279,7 @@ class ShortSock:
     def __init__(self, cap: int) -> None:
         self.cap, self.calls, self.got = cap, 0, bytearray()
 
-    def sendmsg(self, buffers: list[Buffer]) -> int:
+    def sendmsg(self, buffers: list[Buffer], ancdata: object = (), flags: int = 0) -> int:
         assert len(buffers) <= IOV_MAX
         self.calls += 1
         data = b"".join(bytes(b) for b in buffers)[: self.cap]
@@ -309,10 +309,8 @@ def shm_image() -> Iterator[Path]:
         yield path
 
 
-@pytest.mark.parametrize("structured", [False, True])
-async def test_large_reads_of_a_file_in_memory_go_out_with_sendfile(
-        nursery: trio.Nursery, tmp_path: Path, shm_image: Path,
-        monkeypatch: pytest.MonkeyPatch, structured: bool) -> None:
+def count_sendfile(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte counts asked of os.sendfile from now on."""
     sent: list[int] = []
     sendfile = os.sendfile
 
@@ -321,11 +319,24 @@ async def test_large_reads_of_a_file_in_memory_go_out_with_sendfile(
         return sendfile(out_fd, in_fd, offset, count)
 
     monkeypatch.setattr(os, "sendfile", counting)
-    srv = await start_server(
+    return sent
+
+
+async def serve_shm(nursery: trio.Nursery, tmp_path: Path, image: Path) -> Running:
+    return await start_server(
         nursery, tmp_path,
-        blockdevs=[{"driver": "file", "node-name": "f", "filename": str(shm_image)}],
+        blockdevs=[{"driver": "file", "node-name": "f", "filename": str(image)}],
         exports=[ExportSpec(name="", node_name="f", writable=True)])
-    client = await srv.connect(structured=structured)
+
+
+@pytest.mark.parametrize("mode", ["simple", "structured", "extended"])
+async def test_large_reads_of_a_file_in_memory_go_out_with_sendfile(
+        nursery: trio.Nursery, tmp_path: Path, shm_image: Path,
+        monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    sent = count_sendfile(monkeypatch)
+    srv = await serve_shm(nursery, tmp_path, shm_image)
+    structured = mode != "simple"
+    client = await srv.connect(structured=structured, extended=mode == "extended")
     image = shm_image.read_bytes()
     # Pipelined, so that small replies and spliced ones share a batch and keep their order.
     reads = [(0, 4096), (MiB, MiB), (4096, 65536), (3 * MiB, 256 << 10), (5 * MiB, 512),
@@ -346,6 +357,21 @@ async def test_large_reads_of_a_file_in_memory_go_out_with_sendfile(
     assert hole.holes == ([(6 * MiB + 65536, 512 << 10)] if structured else [])
 
 
+async def test_a_spliced_read_is_answered_before_a_protocol_error_ends_the_connection(
+        nursery: trio.Nursery, tmp_path: Path, shm_image: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = count_sendfile(monkeypatch)
+    srv = await serve_shm(nursery, tmp_path, shm_image)
+    client = await srv.connect()
+    with trio.fail_after(10):
+        cookie = await client.send(Cmd.READ, MiB, MiB)
+        await client.stream.send_all(b"\xde\xad" * 14)  # not a request: bad magic
+        reply = await client.wait(cookie)
+        assert reply.data() == shm_image.read_bytes()[MiB:2 * MiB]
+        assert await client.eof()
+    assert sent == [MiB]
+
+
 def test_a_file_that_shrank_is_sent_as_zeros_past_its_end(tmp_path: Path) -> None:
     # The header promised the bytes before sendfile found the file shorter: the rest goes
     # out as zeros, and the stream stays in step.
@@ -355,7 +381,7 @@ def test_a_file_that_shrank_is_sent_as_zeros_past_its_end(tmp_path: Path) -> Non
     fd = os.open(path, os.O_RDONLY)
     try:
         loop = SimpleNamespace(sock=a)
-        loop._send = lambda items: ThreadedLoop._send(loop, items)  # type: ignore[attr-defined]
+        loop._send = lambda items, flags=0: ThreadedLoop._send(loop, items, flags)  # type: ignore[attr-defined]
         ThreadedLoop._send_files(loop, [b"head", FileRange(fd, 500, 4000), b"tail"])  # type: ignore[arg-type]
         a.close()
         got = b"".join(iter(lambda: b.recv(65536), b""))

@@ -206,7 +206,8 @@ class FileDriver(Driver):
         else:
             raise self._error("not a regular file or block device", key="filename")
         os.set_blocking(fd, True)
-        if sys_.is_memory_fs(fd):
+        # A device node's filesystem (devtmpfs) says nothing of the device behind it.
+        if not self.is_block_device and sys_.is_memory_fs(fd):
             self._rwf_nowait = 0
             self._memory_fs = True
         if self.direct:

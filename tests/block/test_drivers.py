@@ -38,6 +38,34 @@ async def test_memory_is_sparse_and_discard_frees() -> None:
     await graph.close()
 
 
+async def test_memory_reads_in_recycled_buffers_show_no_stale_bytes() -> None:
+    # Reads that span pages are assembled in pooled buffers: holes, and the zeroed pages of
+    # an overlay, must be written as zeros, not left as a previous read's bytes.
+    graph = await open_graph(["driver=memory,node-name=plain,size=4M",
+                              "driver=memory,node-name=base,size=4M",
+                              "driver=memory,node-name=top,backing=base,size=4M"])
+    plain = graph.attach("plain", perm=RW)
+    base = graph.attach("base", perm=RW, user="base writer")
+    top = graph.attach("top", perm=RW)
+    await plain.write(0, b"\xff" * M)
+    await base.write(0, b"B" * M)
+    await top.write(M, b"\xff" * M)
+    await top.zero(PAGE_SIZE, PAGE_SIZE)  # hides a backing page
+    hidden = b"B" * PAGE_SIZE + bytes(PAGE_SIZE) + b"B" * (M - 2 * PAGE_SIZE)
+    for _ in range(3):
+        full = plain.read_nowait(0, M)  # fills the pooled buffer with 0xff
+        assert full is not None and bytes(full) == b"\xff" * M
+        del full
+        mixed = plain.read_nowait(M - PAGE_SIZE, M)  # one page of data, then a hole
+        assert mixed is not None and bytes(mixed) == b"\xff" * PAGE_SIZE + bytes(M - PAGE_SIZE)
+        del mixed
+        full = top.read_nowait(M, M)
+        assert full is not None and bytes(full) == b"\xff" * M
+        del full
+        assert bytes(await top.read(0, M)) == hidden
+    await graph.close()
+
+
 async def test_memory_overlay_copy_on_write() -> None:
     graph = await open_graph(
         [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from ..buffers import BufferPool
 from ..driver import ChildSpec, Driver, Opt
 from ..errors import GraphError
 from ..types import Buffer, Extent, ReqFlags, Role, Status
@@ -47,6 +48,9 @@ class MemoryDriver(Driver):
         #: Overlay pages that are allocated here and read as zeros.
         self._zeroed: set[int] = set()
         self._size = 0
+        # Reads that span pages are assembled in recycled buffers: a fresh 1 MiB bytearray
+        # costs a page fault per 4 KiB on first touch (65 % of a 1 MiB read's time).
+        self._pool = BufferPool()
 
     async def open(self) -> None:
         size = self.opts["size"]
@@ -77,7 +81,7 @@ class MemoryDriver(Driver):
                 return page[off : off + length]
             if self.backing is None or idx in self._zeroed:
                 return zeros(length)
-        out = bytearray(length)
+        out = self._pool.take(length)
         for start, n in self._fill(offset, length, out):
             data = self._backing_read_nowait(start, n)
             if data is None:
@@ -86,13 +90,14 @@ class MemoryDriver(Driver):
         return out
 
     async def read(self, offset: int, length: int) -> Buffer:
-        out = bytearray(length)
+        out = self._pool.take(length)
         for start, n in self._fill(offset, length, out):
             out[start - offset : start - offset + n] = await self._backing_read(start, n)
         return out
 
-    def _fill(self, offset: int, length: int, out: bytearray) -> list[tuple[int, int]]:
-        """Copy this layer's pages into ``out``; return the runs to read from backing."""
+    def _fill(self, offset: int, length: int, out: memoryview) -> list[tuple[int, int]]:
+        """Copy this layer's pages into ``out`` and zeros where this layer reads as zeros;
+        return the runs to read from backing."""
         pages = self._pages
         has_backing = self.backing is not None
         todo: list[tuple[int, int]] = []
@@ -103,13 +108,16 @@ class MemoryDriver(Driver):
             off = pos & _PAGE_MASK
             n = min(PAGE_SIZE - off, end - pos)
             page = pages.get(idx)
-            if page is not None:
-                out[pos - offset : pos - offset + n] = page[off : off + n]
+            if page is not None:  # view to view: one memcpy (slicing the page copies)
+                with memoryview(page) as src:
+                    out[pos - offset : pos - offset + n] = src[off : off + n]
             elif has_backing and idx not in self._zeroed:
                 if todo and todo[-1][0] + todo[-1][1] == pos:
                     todo[-1] = (todo[-1][0], todo[-1][1] + n)
                 else:
                     todo.append((pos, n))
+            else:  # the buffer is recycled: holes are zeroed here
+                out[pos - offset : pos - offset + n] = zeros(n)
             pos += n
         return todo
 

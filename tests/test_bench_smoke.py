@@ -426,3 +426,23 @@ async def test_hot_path_serves_every_request(tmp_path: Path) -> None:
         "READ parse", "WRITE parse", "READ parse + serve + reply", "WRITE parse + serve + reply"
     ]
     assert all(us > 0 for _, us in results)
+
+
+def test_ab_alternates_a_tree_with_nbdkit(tmp_path: Path) -> None:
+    # bench/ab.py is how bench/README.md compares old with new: a tiny run must serve the
+    # image from the given tree and from nbdkit, and report both.
+    import subprocess
+
+    image = tmp_path / "ab.img"
+    image.write_bytes(bytes(8 << 20))
+    tree = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "randread:4k:4", tree, "nbdkit", "--runs", "2",
+         "--runtime", "0.3", "--image", str(image)],
+        capture_output=True, text=True, timeout=60, check=True, cwd=tree,
+    ).stdout
+    lines = out.splitlines()
+    assert sum(line.startswith("[") for line in lines) == 4  # 2 runs x 2 servers
+    summary = lines[lines.index("randread:4k:4, median of 2:") + 1:]
+    assert [line.split()[0] for line in summary] == [tree, "nbdkit"]
+    assert all(float(line.split()[1].replace(",", "")) > 0 for line in summary)

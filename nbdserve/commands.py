@@ -19,7 +19,8 @@ from .types import Buffer
 #: Structured READs at least this long may answer zeros with OFFSET_HOLE chunks (saving the
 #: bandwidth); below it looking for zeros costs more than it could save. A read served at
 #: once from the page cache checks its data for zeros (a memcmp, far cheaper than a
-#: block-status call); a read that has to wait asks block status first.
+#: block-status call); a read that has to wait asks block status first. A read sent with
+#: sendfile from a file in memory starts in data (connection.py): it goes out as data.
 SPARSE_READ_MIN = 64 * 1024
 
 Handler = Callable[["CommandContext", Request], Awaitable[Sequence[Buffer]]]

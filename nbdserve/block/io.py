@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .types import Buffer, Extent, Limits, Perm, ReqFlags, Role
 from .zeros import is_zero
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from .node import Caps, Node
@@ -52,6 +54,31 @@ def _range_error(node: Node, offset: int, length: int) -> OSError:
         errno.EINVAL,
         f"request at {offset} of {length} bytes is outside node '{node.name}' (size {node._size})",
     )
+
+
+def _whole_aligned_read(node: Node, offset: int, length: int) -> bool:
+    """What a driver's fast read path may be asked: aligned, within the node, no larger
+    than a transfer (and no read at all on a copy-on-read node)."""
+    return (
+        offset >= 0
+        and 0 < length <= node._read_max
+        and offset + length <= node._size
+        and not (offset | length) & node._align_mask
+    )
+
+
+def _counted_read(node: Node, length: int, fn: Callable[..., _T], *args: object) -> _T:
+    """Call a driver's read callback: errors and completed reads go into the node's stats."""
+    try:
+        result = fn(*args)
+    except OSError as exc:
+        node.stats.error(exc)
+        raise
+    if result is not None:
+        st = node.stats
+        st.read_ops += 1
+        st.read_bytes += length
+    return result
 
 
 def _check_range(node: Node, offset: int, length: int) -> None:
@@ -156,6 +183,7 @@ class Child:
             rd = node._drv_read_nowait
             if rd is None:
                 return None
+            # _whole_aligned_read and _counted_read, inline: one call less per small read.
             try:
                 buf = rd(offset, length)
             except OSError as exc:
@@ -176,24 +204,9 @@ class Child:
         ``read_nowait`` or ``read``."""
         node = self.node
         rd = node._drv_read_unlocked
-        if not (
-            rd is not None
-            and offset >= 0
-            and 0 < length <= node._read_max
-            and offset + length <= node._size
-            and not (offset | length) & node._align_mask
-        ):
+        if rd is None or not _whole_aligned_read(node, offset, length):
             return None
-        try:
-            buf = rd(offset, length, unlock)
-        except OSError as exc:
-            node.stats.error(exc)
-            raise
-        if buf is not None:
-            st = node.stats
-            st.read_ops += 1
-            st.read_bytes += length
-        return buf
+        return _counted_read(node, length, rd, offset, length, unlock)
 
     def read_splice(self, offset: int, length: int) -> tuple[int, int] | None:
         """Where an aligned read's bytes lie, for a caller that sends them with
@@ -205,24 +218,9 @@ class Child:
         as it may between any two requests in flight at once."""
         node = self.node
         rd = node._drv_read_splice
-        if not (
-            rd is not None
-            and offset >= 0
-            and 0 < length <= node._read_max
-            and offset + length <= node._size
-            and not (offset | length) & node._align_mask
-        ):
+        if rd is None or not _whole_aligned_read(node, offset, length):
             return None
-        try:
-            where = rd(offset, length)
-        except OSError as exc:
-            node.stats.error(exc)
-            raise
-        if where is not None:
-            st = node.stats
-            st.read_ops += 1
-            st.read_bytes += length
-        return where
+        return _counted_read(node, length, rd, offset, length)
 
     def _read_nowait_padded(self, offset: int, length: int) -> Buffer | None:
         node = self.node

@@ -222,7 +222,7 @@ class ThreadedLoop:
 
     def _loop(self) -> None:
         conn, lock, sock = self.conn, self.lock, self.sock
-        # Once per pass: the bare lock's methods, the GraphLock method only when contended.
+        # Each pass takes the bare lock; GraphLock.acquire only when another holds it.
         try_acquire, release = lock.lock.acquire, lock.lock.release
         tx = conn._tx
         serve_now, dispatch = conn._serve_now, self._dispatch
@@ -280,27 +280,19 @@ class ThreadedLoop:
                 elif conn._stopping:
                     conn.end_reason = "shutdown"
             if fatal is not None:  # answer what was served, then end the connection
-                files, conn.file_ranges = conn.file_ranges, 0
                 lock.release()
                 try:
-                    if files:
-                        self._send_files(out)
-                    else:
-                        self._send(out)
+                    self._send_replies(out)
                 finally:
                     lock.acquire()
                 raise fatal
             if self._aborted or (not reading and not self._pending and not out):
                 return
             # Everything below may block: the lock goes.
-            files, conn.file_ranges = conn.file_ranges, 0
             release()
             try:
                 if out:
-                    if files:
-                        self._send_files(out)
-                    else:
-                        self._send(out)
+                    self._send_replies(out)
                     out, pending_bytes = [], 0
                 if not reading or held is not None or self._pending >= max_in_flight:
                     if self._pending:
@@ -371,6 +363,16 @@ class ThreadedLoop:
         self._pending += 1
         start: Callable[..., object] = self.nursery.start_soon
         self.token.run_sync_soon(self._task_context.run, start, conn._serve_later, request, cost)
+
+    def _send_replies(self, out: list[Outgoing]) -> None:
+        """Send a pass's replies. Only this thread's passes add FileRanges (counted by the
+        connection), so the count needs no lock."""
+        conn = self.conn
+        if conn.file_ranges:
+            conn.file_ranges = 0
+            self._send_files(out)
+        else:
+            self._send(out)
 
     def _send_files(self, items: list[Outgoing]) -> None:
         """:meth:`_send` for replies that carry FileRange items: the buffers before

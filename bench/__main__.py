@@ -12,7 +12,7 @@ from .profile import ProfilerError, require_py_spy
 from .render import chart, markdown
 from .results import Sample, ratios, summarise, to_json
 from .runner import Plan, describe_machine, run_all
-from .servers import QCOW2_DEFAULT_ROWS, SERVERS, Server
+from .servers import QCOW2_DEFAULT_ROWS, SERVERS, Server, comparison_groups
 from .workloads import ROWS, Row
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
@@ -142,7 +142,7 @@ def write_report(
     cells = summarise(samples)
     ours = [s.key for s in servers if s.is_nbdserve]
     peers = {s.key: s.peer for s in servers if s.peer is not None}
-    groups = {s.key: s.image_format for s in servers}
+    groups = comparison_groups(servers)
     ratio_list = ratios(cells, [r.key for r in rows], ours, peers, groups)
     out.mkdir(parents=True, exist_ok=True)
     report = markdown(meta, rows, servers, cells, ratio_list)

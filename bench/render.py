@@ -118,8 +118,9 @@ def markdown(
         "",
         "qemu-nbd counts once, in its faster aio mode on that row. A configuration is compared "
         "only with peers serving the same image format: nbdserve on qcow2 with qemu-nbd on "
-        "qcow2. The last column is nbdserve's server CPU per GiB divided by the fastest peer's "
-        "(below 1.00x nbdserve uses less).",
+        "qcow2; and nbdserve over TCP only with peers over TCP when the run has one. The last "
+        "column is nbdserve's server CPU per GiB divided by the fastest peer's (below 1.00x "
+        "nbdserve uses less).",
         "",
         *_table(
             ["Row", "nbdserve as", *(f"÷ {p}" for p in peers), "÷ fastest peer", "CPU/GiB ÷"],

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,8 @@ class Server:
     """One server configuration. ``peer`` groups configurations that count as one peer.
 
     ``image_format`` is also the comparison group: an nbdserve configuration is only compared
-    with peers serving the same kind of image (nbdserve on qcow2 with qemu-nbd on qcow2).
+    with peers serving the same kind of image (nbdserve on qcow2 with qemu-nbd on qcow2), and
+    over TCP with peers over TCP when the run has any (:func:`comparison_groups`).
     """
 
     key: str
@@ -89,8 +90,14 @@ def _qemu_nbd(aio: str, fmt: str = "raw") -> Callable[[Path, Endpoint, int], lis
     return argv
 
 
+def _nbdkit_listen(ep: Endpoint) -> list[str]:
+    if ep.tcp_port is not None:
+        return ["-i", "127.0.0.1", "-p", str(ep.tcp_port)]
+    return ["-U", str(ep.unix_path)]
+
+
 def _nbdkit_file(image: Path, ep: Endpoint, size: int) -> list[str]:
-    return ["nbdkit", "-f", "--exit-with-parent", "-U", str(ep.unix_path), "file", str(image)]
+    return ["nbdkit", "-f", "--exit-with-parent", *_nbdkit_listen(ep), "file", str(image)]
 
 
 PLUGIN = Path(__file__).with_name("peers") / "file_plugin.py"
@@ -110,6 +117,8 @@ SERVERS: tuple[Server, ...] = (
     Server("qemu-threads", "qemu-nbd aio=threads", _qemu_nbd("threads"), peer="qemu-nbd"),
     Server("qemu-io_uring", "qemu-nbd aio=io_uring", _qemu_nbd("io_uring"), peer="qemu-nbd"),
     Server("nbdkit-file", "nbdkit file", _nbdkit_file, peer="nbdkit file"),
+    # Over TCP loopback: when a run has it, nbdserve TCP is compared with it alone.
+    Server("nbdkit-file-tcp", "nbdkit file TCP", _nbdkit_file, peer="nbdkit file", tcp=True),
     Server("nbdkit-python", "nbdkit python", _nbdkit_python, peer="nbdkit python"),
     # qcow2 group. On this machine qemu-nbd's threads mode wrote 4K QD16 to qcow2 1.2-1.8x
     # faster than io_uring and read within noise of it, so the plain key is threads; both
@@ -214,3 +223,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def comparison_groups(servers: Sequence[Server]) -> dict[str, str]:
+    """Server key -> comparison group: the image format, and for TCP configurations of a
+    format that some peer in the run serves over TCP, that format over TCP."""
+    tcp_formats = {s.image_format for s in servers if s.tcp and not s.is_nbdserve}
+    return {s.key: s.image_format + (" over TCP" if s.tcp and s.image_format in tcp_formats
+                                     else "") for s in servers}

@@ -14,7 +14,7 @@ from bench.profile import summarise_stacks
 from bench.render import chart, markdown
 from bench.results import Sample, ratios, summarise, to_json
 from bench.runner import Plan, check_qcow2, make_qcow2
-from bench.servers import QCOW2_DEFAULT_ROWS, SERVERS, Endpoint
+from bench.servers import QCOW2_DEFAULT_ROWS, SERVERS, Endpoint, comparison_groups
 from bench.workloads import ROWS, FioOutputError, fio_command, nbdcopy_command, parse_fio
 
 SAMPLE = Path(__file__).resolve().parent.parent / "bench" / "samples" / "fio-randrw-qd16.txt"
@@ -120,6 +120,19 @@ def test_ratios_count_qemu_once_in_its_faster_mode() -> None:
     assert ratio.vs_fastest == pytest.approx(1.5)
     # CPU per GiB: 0.5 s / (600 MiB) against io_uring's 0.4 s / (400 MiB).
     assert ratio.cpu_vs_fastest == pytest.approx((0.5 / 600) / (0.4 / 400))
+
+
+def test_tcp_is_compared_with_tcp_when_the_run_has_a_tcp_peer() -> None:
+    both = [SERVER[k] for k in ("nbdserve", "nbdserve-tcp", "nbdkit-file", "nbdkit-file-tcp")]
+    groups = comparison_groups(both)
+    assert groups == {"nbdserve": "raw", "nbdserve-tcp": "raw over TCP",
+                      "nbdkit-file": "raw", "nbdkit-file-tcp": "raw over TCP"}
+    cells = summarise([_sample("nbdserve", 600), _sample("nbdserve-tcp", 300),
+                       _sample("nbdkit-file", 400), _sample("nbdkit-file-tcp", 200)])
+    unix, tcp = ratios(cells, ["seqread-1m-qd8"], ["nbdserve", "nbdserve-tcp"], PEERS, groups)
+    assert unix.vs_fastest == pytest.approx(1.5) and tcp.vs_fastest == pytest.approx(1.5)
+    # Without a TCP peer in the run, TCP is compared with the peers on Unix sockets.
+    assert comparison_groups(both[:3])["nbdserve-tcp"] == "raw"
 
 
 def test_ratios_without_peers_or_nbdserve() -> None:

@@ -250,12 +250,7 @@ class Child:
 
     async def read(self, offset: int, length: int) -> Buffer:
         node = self.node
-        if (
-            offset >= 0
-            and 0 < length <= node._read_max
-            and offset + length <= node._size
-            and not (offset | length) & node._align_mask
-        ):
+        if _whole_aligned_read(node, offset, length):
             try:
                 rd = node._drv_read_nowait
                 buf = rd(offset, length) if rd is not None else None

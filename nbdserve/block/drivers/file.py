@@ -232,6 +232,9 @@ class FileDriver(Driver):
             # cache for a prefetch to fill.
             self._withdraw("read_nowait", "read_unlocked", "read_splice", "write_nowait",
                            "write_unlocked", "cache")
+        elif not self._memory_fs:
+            # sendfile from a disk would block the connection's thread on a cache miss.
+            self._withdraw("read_splice")
         if self.read_only:
             self._withdraw("write_nowait", "write_unlocked", "write", "zero", "discard",
                            "truncate")
@@ -335,11 +338,9 @@ class FileDriver(Driver):
         return buf if cached else None
 
     def read_splice(self, offset: int, length: int) -> tuple[int, int] | None:
-        # Only in memory: sendfile from a disk file would block this connection on a miss.
-        # A range that starts in a hole goes the way that finds its holes (a sparse read);
-        # SEEK_DATA answers at once when the first page is there.
-        if not self._memory_fs:
-            return None
+        # Only on a memory filesystem (withdrawn elsewhere). A range that starts in a hole
+        # goes the way that finds its holes (a sparse read); SEEK_DATA answers at once when
+        # the first page is there.
         try:
             return (self.fd, offset) if os.lseek(self.fd, offset, os.SEEK_DATA) == offset else None
         except OSError as exc:
